@@ -1,0 +1,1545 @@
+/* module.c: the Python face of the C core: the Reader and Mapping types, save,
+ * and the one place where engine, file and ATen errors become Python exceptions. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <errno.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "st_aten.h"
+#include "st_engine.h"
+#include "st_file.h"
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "torch_safetensors supports little-endian hosts only: the format stores little-endian data"
+#endif
+
+/* ---- module state ---- */
+
+static PyObject *SafetensorError;   /* subclass of ValueError */
+static PyObject *steal_handles_fn;  /* torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs */
+static PyObject *make_handles_fn;   /* torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors */
+static PyObject *tensor_type;       /* torch.Tensor */
+static int zero_copy_enabled = 1;   /* cleared to force the frombuffer fallback */
+
+/* ---- errors ---- */
+
+static const char *code_name(st_code code)
+{
+    switch (code) {
+    case ST_ERR_TOO_SMALL: return "too_small";
+    case ST_ERR_HEADER_TOO_LARGE: return "header_too_large";
+    case ST_ERR_HEADER_PAST_END: return "header_past_end";
+    case ST_ERR_UTF8: return "utf8";
+    case ST_ERR_JSON: return "json";
+    case ST_ERR_SCHEMA: return "schema";
+    case ST_ERR_DUPLICATE: return "duplicate";
+    case ST_ERR_DEPTH: return "depth";
+    case ST_ERR_DTYPE: return "dtype";
+    case ST_ERR_OFFSETS: return "offsets";
+    case ST_ERR_OVERFLOW: return "overflow";
+    case ST_ERR_MISALIGNED: return "misaligned";
+    case ST_ERR_SIZE_MISMATCH: return "size_mismatch";
+    case ST_ERR_FILE_LENGTH: return "file_length";
+    case ST_ERR_INVALID_ARGUMENT: return "invalid_argument";
+    default: return "error";
+    }
+}
+
+/* Raises SafetensorError (or MemoryError) from an engine error. The message
+ * names the tensor and the byte position when they are known. */
+static PyObject *raise_st(const st_error *err, const char *context)
+{
+    PyObject *msg = NULL, *name = NULL, *exc = NULL, *tmp;
+    if (err->code == ST_ERR_NOMEM)
+        return PyErr_NoMemory();
+    if (err->tensor_len || err->tensor[0]) {
+        name = PyUnicode_DecodeUTF8(err->tensor, (Py_ssize_t)err->tensor_len, "replace");
+        if (!name)
+            return NULL;
+    }
+    if (name && err->pos >= 0)
+        msg = PyUnicode_FromFormat("%s: tensor %R: %s (at byte %lld)", context, name,
+                                   err->message, (long long)err->pos);
+    else if (name)
+        msg = PyUnicode_FromFormat("%s: tensor %R: %s", context, name, err->message);
+    else if (err->pos >= 0)
+        msg = PyUnicode_FromFormat("%s: %s (at byte %lld)", context, err->message,
+                                   (long long)err->pos);
+    else
+        msg = PyUnicode_FromFormat("%s: %s", context, err->message);
+    if (!msg)
+        goto done;
+    exc = PyObject_CallOneArg(SafetensorError, msg);
+    if (!exc)
+        goto done;
+    tmp = PyUnicode_FromString(code_name(err->code));
+    if (!tmp || PyObject_SetAttrString(exc, "code", tmp) < 0) {
+        Py_XDECREF(tmp);
+        goto done;
+    }
+    Py_DECREF(tmp);
+    if (PyObject_SetAttrString(exc, "tensor", name ? name : Py_None) < 0)
+        goto done;
+    tmp = err->pos >= 0 ? PyLong_FromLongLong(err->pos) : Py_NewRef(Py_None);
+    if (!tmp || PyObject_SetAttrString(exc, "position", tmp) < 0) {
+        Py_XDECREF(tmp);
+        goto done;
+    }
+    Py_DECREF(tmp);
+    PyErr_SetObject(SafetensorError, exc);
+done:
+    Py_XDECREF(exc);
+    Py_XDECREF(msg);
+    Py_XDECREF(name);
+    return NULL;
+}
+
+static PyObject *raise_errno(int saved_errno, PyObject *path)
+{
+    errno = saved_errno;
+    if (path)
+        return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
+    return PyErr_SetFromErrno(PyExc_OSError);
+}
+
+/* A failed ATen call: torch's own message when the ABI offers it. */
+static PyObject *raise_aten(PyObject *type, const char *what, PyObject *name)
+{
+    const char *detail = st_aten.last_error ? st_aten.last_error() : NULL;
+    if (name)
+        PyErr_Format(type, "%s for tensor %R%s%s", what, name, detail ? ": " : "",
+                     detail ? detail : "");
+    else
+        PyErr_Format(type, "%s%s%s", what, detail ? ": " : "", detail ? detail : "");
+    return NULL;
+}
+
+/* ---- Mapping: a buffer-exporting view of a blob (the frombuffer fallback) ---- */
+
+typedef struct {
+    PyObject_HEAD
+    st_blob *blob;
+    Py_ssize_t exports;
+} Mapping;
+
+static PyTypeObject Mapping_Type;
+
+static PyObject *Mapping_new(st_blob *blob)
+{
+    Mapping *m = PyObject_New(Mapping, &Mapping_Type);
+    if (!m)
+        return NULL;
+    st_blob_incref(blob);
+    m->blob = blob;
+    m->exports = 0;
+    return (PyObject *)m;
+}
+
+static void Mapping_dealloc(Mapping *m)
+{
+    if (m->blob)
+        st_blob_decref(m->blob);
+    PyObject_Free(m);
+}
+
+static int Mapping_getbuffer(Mapping *m, Py_buffer *view, int flags)
+{
+    /* private mapping: writes stay in this process */
+    if (PyBuffer_FillInfo(view, (PyObject *)m, m->blob->base, (Py_ssize_t)m->blob->len, 0,
+                          flags) < 0)
+        return -1;
+    m->exports++;
+    return 0;
+}
+
+static void Mapping_releasebuffer(Mapping *m, Py_buffer *view)
+{
+    (void)view;
+    m->exports--;
+}
+
+static Py_ssize_t Mapping_len(Mapping *m)
+{
+    return (Py_ssize_t)m->blob->len;
+}
+
+static PyBufferProcs Mapping_as_buffer = {
+    (getbufferproc)Mapping_getbuffer,
+    (releasebufferproc)Mapping_releasebuffer,
+};
+
+static PySequenceMethods Mapping_as_sequence = {
+    .sq_length = (lenfunc)Mapping_len,
+};
+
+static PyTypeObject Mapping_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "torch_safetensors._C.Mapping",
+    .tp_basicsize = sizeof(Mapping),
+    .tp_dealloc = (destructor)Mapping_dealloc,
+    .tp_as_buffer = &Mapping_as_buffer,
+    .tp_as_sequence = &Mapping_as_sequence,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A private, writable mapping of a validated safetensors file.",
+};
+
+/* ---- handles to Python tensors ---- */
+
+/* Converts n handles into a list of tensors. The handles are consumed (set to
+ * NULL) whatever the outcome, except when torch fails after taking ownership. */
+static PyObject *wrap_handles(st_tensor *h, Py_ssize_t n)
+{
+    PyObject *list = NULL, *caps = NULL;
+    if (st_aten.to_pyobject) {
+        list = PyList_New(n);
+        if (!list)
+            goto error;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            void *obj = NULL;
+            if (st_aten.to_pyobject(h[i], NULL, &obj) != 0 || !obj) {
+                if (!PyErr_Occurred())
+                    raise_aten(PyExc_RuntimeError, "could not wrap a tensor", NULL);
+                goto error;
+            }
+            PyList_SET_ITEM(list, i, (PyObject *)obj);
+            st_aten.delete_tensor(h[i]);
+            h[i] = NULL;
+        }
+        return list;
+    }
+    if (!steal_handles_fn) {
+        PyErr_SetString(PyExc_RuntimeError, "torch offers no way to wrap tensor handles");
+        goto error;
+    }
+    caps = PyList_New(n);
+    if (!caps)
+        goto error;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *cap = PyCapsule_New(h[i], NULL, NULL);
+        if (!cap)
+            goto error;
+        PyList_SET_ITEM(caps, i, cap);
+    }
+    list = PyObject_CallOneArg(steal_handles_fn, caps);
+    Py_DECREF(caps);
+    caps = NULL;
+    /* torch owns the handles from here; on failure some may leak, never double-free */
+    for (Py_ssize_t i = 0; i < n; i++)
+        h[i] = NULL;
+    if (list && (!PyList_Check(list) || PyList_GET_SIZE(list) != n)) {
+        Py_DECREF(list);
+        PyErr_SetString(PyExc_RuntimeError, "torch returned an unexpected tensor list");
+        return NULL;
+    }
+    return list;
+error:
+    Py_XDECREF(list);
+    Py_XDECREF(caps);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (h[i])
+            st_aten.delete_tensor(h[i]);
+        h[i] = NULL;
+    }
+    return NULL;
+}
+
+/* ---- Reader: a validated file and its table ---- */
+
+typedef struct {
+    PyObject_HEAD
+    st_table table;
+    st_blob *blob;          /* the private mapping, or NULL */
+    int fd;                 /* kept for positioned reads when not mapped, else -1 */
+    Py_buffer view;         /* bytes being read, when view.obj is set */
+    const uint8_t *data;    /* the data buffer in memory, or NULL when read from fd */
+    uint64_t file_size;
+    PyObject *path;
+    int ready;
+} Reader;
+
+static PyTypeObject Reader_Type;
+
+enum { DEV_CPU, DEV_META };
+
+static int Reader_check_open(Reader *r)
+{
+    if (!r->ready) {
+        PyErr_SetString(PyExc_ValueError, "the file is closed");
+        return -1;
+    }
+    return 0;
+}
+
+static void Reader_release(Reader *r)
+{
+    r->ready = 0;
+    st_table_free(&r->table);
+    if (r->blob) {
+        st_blob_decref(r->blob);
+        r->blob = NULL;
+    }
+    if (r->fd >= 0) {
+        close(r->fd);
+        r->fd = -1;
+    }
+    if (r->view.obj)
+        PyBuffer_Release(&r->view);
+    r->data = NULL;
+}
+
+static void Reader_dealloc(Reader *r)
+{
+    Reader_release(r);
+    Py_XDECREF(r->path);
+    Py_TYPE(r)->tp_free((PyObject *)r);
+}
+
+static PyObject *Reader_alloc(PyTypeObject *type)
+{
+    Reader *r = (Reader *)type->tp_alloc(type, 0);
+    if (!r)
+        return NULL;
+    st_table_init(&r->table);
+    r->blob = NULL;
+    r->fd = -1;
+    r->view.obj = NULL;
+    r->data = NULL;
+    r->path = NULL;
+    r->ready = 0;
+    return (PyObject *)r;
+}
+
+/* Opens, maps (or reads the header of) and validates a file. */
+static int Reader_open_path(Reader *r, PyObject *path, int use_mmap)
+{
+    const char *cpath = PyBytes_AS_STRING(path);
+    st_error err;
+    st_code rc = ST_OK;
+    int fd = -1, sys_errno = 0;
+    uint64_t size = 0, n = 0;
+    uint8_t prefix[8];
+    uint8_t *hdr = NULL;
+
+    st_error_clear(&err);
+    Py_BEGIN_ALLOW_THREADS
+    fd = st_open_read(cpath, &size);
+    if (fd < 0) {
+        sys_errno = errno;
+    } else if (size < ST_PREFIX_LEN) {
+        rc = st_read_prefix(prefix, 0, size, &n, &err);
+    } else if (use_mmap) {
+        if (size > SIZE_MAX) {
+            sys_errno = EFBIG;
+        } else {
+            r->blob = st_blob_map(fd, (size_t)size);
+            if (!r->blob)
+                sys_errno = errno;
+            else
+                rc = st_parse(r->blob->base, r->blob->len, &r->table, &err);
+        }
+        /* tensors are served from this mapping; the path is never reopened */
+        close(fd);
+        fd = -1;
+    } else {
+        if (st_pread_all(fd, prefix, sizeof(prefix), 0) != 0) {
+            sys_errno = errno;
+        } else if ((rc = st_read_prefix(prefix, sizeof(prefix), size, &n, &err)) == ST_OK) {
+            /* n was checked against the file size: the allocation is backed by bytes */
+            hdr = malloc(n ? (size_t)n : 1);
+            if (!hdr)
+                sys_errno = ENOMEM;
+            else if (st_pread_all(fd, hdr, (size_t)n, ST_PREFIX_LEN) != 0)
+                sys_errno = errno;
+            else
+                rc = st_parse_header(hdr, (size_t)n, size, &r->table, &err);
+            free(hdr);
+        }
+    }
+    Py_END_ALLOW_THREADS
+
+    r->file_size = size;
+    if (sys_errno) {
+        if (fd >= 0)
+            close(fd);
+        if (sys_errno == ENOMEM)
+            PyErr_NoMemory();
+        else
+            raise_errno(sys_errno, r->path);
+        return -1;
+    }
+    if (rc != ST_OK) {
+        if (fd >= 0)
+            close(fd);
+        raise_st(&err, "invalid safetensors file");
+        return -1;
+    }
+    r->fd = fd;
+    r->data = r->blob ? r->blob->base + r->table.data_start : NULL;
+    r->ready = 1;
+    return 0;
+}
+
+static int Reader_open_buffer(Reader *r, PyObject *data)
+{
+    st_error err;
+    st_code rc;
+    if (PyObject_GetBuffer(data, &r->view, PyBUF_SIMPLE) < 0)
+        return -1;
+    Py_BEGIN_ALLOW_THREADS
+    rc = st_parse(r->view.buf, (size_t)r->view.len, &r->table, &err);
+    Py_END_ALLOW_THREADS
+    if (rc != ST_OK) {
+        raise_st(&err, "invalid safetensors data");
+        return -1;
+    }
+    r->file_size = (uint64_t)r->view.len;
+    r->data = (const uint8_t *)r->view.buf + r->table.data_start;
+    r->ready = 1;
+    return 0;
+}
+
+static PyObject *Reader_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"path", "data", "mmap", NULL};
+    PyObject *path = Py_None, *data = Py_None, *encoded = NULL;
+    int use_mmap = 1;
+    Reader *r;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|OO$p:Reader", kwlist, &path, &data, &use_mmap))
+        return NULL;
+    if ((path == Py_None) == (data == Py_None)) {
+        PyErr_SetString(PyExc_TypeError, "Reader() takes a path or data, not both");
+        return NULL;
+    }
+    r = (Reader *)Reader_alloc(type);
+    if (!r)
+        return NULL;
+    if (path != Py_None) {
+        if (!PyUnicode_FSConverter(path, &encoded))
+            goto error;
+        r->path = PyOS_FSPath(path);
+        if (!r->path)
+            goto error;
+        if (Reader_open_path(r, encoded, use_mmap) < 0)
+            goto error;
+        Py_DECREF(encoded);
+    } else if (Reader_open_buffer(r, data) < 0) {
+        goto error;
+    }
+    return (PyObject *)r;
+error:
+    Py_XDECREF(encoded);
+    Py_DECREF(r);
+    return NULL;
+}
+
+static PyObject *entry_name(const Reader *r, const st_entry *e)
+{
+    return PyUnicode_DecodeUTF8(r->table.strings + e->name_off, (Py_ssize_t)e->name_len,
+                                "strict");
+}
+
+static PyObject *Reader_keys(Reader *r, PyObject *unused)
+{
+    PyObject *list;
+    (void)unused;
+    if (Reader_check_open(r) < 0)
+        return NULL;
+    list = PyList_New((Py_ssize_t)r->table.count);
+    if (!list)
+        return NULL;
+    for (size_t i = 0; i < r->table.count; i++) {
+        PyObject *name = entry_name(r, &r->table.entries[r->table.by_name[i]]);
+        if (!name) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, name);
+    }
+    return list;
+}
+
+static PyObject *Reader_offset_keys(Reader *r, PyObject *unused)
+{
+    PyObject *list;
+    (void)unused;
+    if (Reader_check_open(r) < 0)
+        return NULL;
+    list = PyList_New((Py_ssize_t)r->table.count);
+    if (!list)
+        return NULL;
+    for (size_t i = 0; i < r->table.count; i++) {
+        PyObject *name = entry_name(r, &r->table.entries[i]);
+        if (!name) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)i, name);
+    }
+    return list;
+}
+
+static PyObject *Reader_metadata(Reader *r, PyObject *unused)
+{
+    PyObject *d;
+    (void)unused;
+    if (Reader_check_open(r) < 0)
+        return NULL;
+    if (!r->table.has_metadata)
+        Py_RETURN_NONE;
+    d = PyDict_New();
+    if (!d)
+        return NULL;
+    for (size_t i = 0; i < r->table.meta_count; i++) {
+        const st_meta *m = &r->table.meta[i];
+        PyObject *k = PyUnicode_DecodeUTF8(r->table.strings + m->key_off,
+                                           (Py_ssize_t)m->key_len, "strict");
+        PyObject *v = PyUnicode_DecodeUTF8(r->table.strings + m->val_off,
+                                           (Py_ssize_t)m->val_len, "strict");
+        if (!k || !v || PyDict_SetItem(d, k, v) < 0) {
+            Py_XDECREF(k);
+            Py_XDECREF(v);
+            Py_DECREF(d);
+            return NULL;
+        }
+        Py_DECREF(k);
+        Py_DECREF(v);
+    }
+    return d;
+}
+
+/* Finds an entry by a str name; raises SafetensorError naming it when absent. */
+static const st_entry *Reader_lookup(Reader *r, PyObject *name)
+{
+    Py_ssize_t len;
+    const char *s;
+    long i;
+    if (!PyUnicode_Check(name)) {
+        PyErr_Format(PyExc_TypeError, "tensor names are str, not %.100s", Py_TYPE(name)->tp_name);
+        return NULL;
+    }
+    s = PyUnicode_AsUTF8AndSize(name, &len);
+    if (!s)
+        return NULL;
+    i = st_find(&r->table, s, (size_t)len);
+    if (i < 0) {
+        PyObject *exc = PyObject_CallFunction(SafetensorError, "N",
+                                              PyUnicode_FromFormat("no tensor named %R", name));
+        PyObject *code = PyUnicode_FromString("missing");
+        if (exc && code && PyObject_SetAttrString(exc, "code", code) == 0 &&
+            PyObject_SetAttrString(exc, "tensor", name) == 0 &&
+            PyObject_SetAttrString(exc, "position", Py_None) == 0)
+            PyErr_SetObject(SafetensorError, exc);
+        Py_XDECREF(code);
+        Py_XDECREF(exc);
+        return NULL;
+    }
+    return &r->table.entries[i];
+}
+
+static PyObject *shape_tuple(const Reader *r, const st_entry *e)
+{
+    PyObject *t = PyTuple_New((Py_ssize_t)e->ndim);
+    if (!t)
+        return NULL;
+    for (size_t d = 0; d < e->ndim; d++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(r->table.dims[e->dims_off + d]);
+        if (!v) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, (Py_ssize_t)d, v);
+    }
+    return t;
+}
+
+/* info(name) -> (dtype, shape, begin, end): offsets count from the file's start. */
+static PyObject *Reader_info(Reader *r, PyObject *name)
+{
+    const st_entry *e;
+    PyObject *shape;
+    if (Reader_check_open(r) < 0 || !(e = Reader_lookup(r, name)))
+        return NULL;
+    shape = shape_tuple(r, e);
+    if (!shape)
+        return NULL;
+    return Py_BuildValue("sNKK", st_dtype_name(e->dtype), shape,
+                         (unsigned long long)(r->table.data_start + e->begin),
+                         (unsigned long long)(r->table.data_start + e->end));
+}
+
+/* The torch sizes and contiguous strides of an entry. F4 holds two values per
+ * byte: torch's float4_e2m1fn_x2 has the last dimension halved. */
+static int torch_shape(const Reader *r, const st_entry *e, int64_t *sizes, int64_t *strides,
+                       PyObject *name)
+{
+    uint64_t stride = 1;
+    for (size_t d = 0; d < e->ndim; d++) {
+        uint64_t v = r->table.dims[e->dims_off + d];
+        if (v > INT64_MAX) {
+            PyErr_Format(SafetensorError, "tensor %R: dimension %llu is too large for torch",
+                         name, (unsigned long long)v);
+            return -1;
+        }
+        sizes[d] = (int64_t)v;
+    }
+    if (e->dtype == ST_F4) {
+        if (e->ndim == 0 || sizes[e->ndim - 1] % 2) {
+            PyErr_Format(SafetensorError,
+                         "tensor %R: F4 needs an even last dimension to become torch's "
+                         "float4_e2m1fn_x2 (two values per byte)",
+                         name);
+            return -1;
+        }
+        sizes[e->ndim - 1] /= 2;
+    }
+    for (size_t d = e->ndim; d-- > 0;) {
+        uint64_t next;
+        strides[d] = (int64_t)stride;
+        if (sizes[d] > 1) {
+            next = stride * (uint64_t)sizes[d];
+            /* the strides of an empty tensor can overflow even though it has no bytes */
+            if ((uint64_t)sizes[d] != 0 && (next / (uint64_t)sizes[d] != stride ||
+                                             next > INT64_MAX)) {
+                PyErr_Format(SafetensorError, "tensor %R: the shape is too large for torch",
+                             name);
+                return -1;
+            }
+            stride = next;
+        }
+    }
+    return 0;
+}
+
+static void blob_deleter(void *data, void *ctx)
+{
+    (void)data;
+    st_blob_decref((st_blob *)ctx);
+}
+
+/* Builds handles for the given entries; fills from memory or the fd when owned.
+ * want_zero_copy: tensors point into the mapping when alignment allows. */
+static PyObject *Reader_build(Reader *r, const st_entry **es, Py_ssize_t n, int device)
+{
+    st_tensor *h = NULL;
+    size_t max_ndim = 1;
+    int64_t *sizes = NULL, *strides = NULL;
+    void **fill_dst = NULL;
+    PyObject *list = NULL, *name = NULL;
+    int zero_copy = r->blob && st_aten.from_blob && zero_copy_enabled && device == DEV_CPU;
+    int sys_errno = 0;
+    Py_ssize_t failed_at = -1;
+
+    if (!st_aten.ready) {
+        PyErr_SetString(PyExc_RuntimeError, "libtorch's C ABI is not available");
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (es[i]->ndim > max_ndim)
+            max_ndim = es[i]->ndim;
+    h = PyMem_Calloc((size_t)n ? (size_t)n : 1, sizeof(st_tensor));
+    fill_dst = PyMem_Calloc((size_t)n ? (size_t)n : 1, sizeof(void *));
+    sizes = PyMem_Malloc(max_ndim * sizeof(int64_t));
+    strides = PyMem_Malloc(max_ndim * sizeof(int64_t));
+    if (!h || !fill_dst || !sizes || !strides) {
+        PyErr_NoMemory();
+        goto error;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const st_entry *e = es[i];
+        int32_t dtype = st_aten.dtype[e->dtype];
+        st_aten_err rc;
+        name = entry_name(r, e);
+        if (!name)
+            goto error;
+        if (dtype < 0) {
+            PyErr_Format(SafetensorError,
+                         "tensor %R: dtype %s has no torch equivalent in this version of torch",
+                         name, st_dtype_name(e->dtype));
+            goto error;
+        }
+        if (torch_shape(r, e, sizes, strides, name) < 0)
+            goto error;
+        if (device == DEV_META) {
+            rc = st_aten.empty_strided((int64_t)e->ndim, sizes, strides, dtype,
+                                       st_aten.device_meta, 0, &h[i]);
+        } else {
+            /* in range: validate() checked data_start + end == file size */
+            uint8_t *src = r->data ? (uint8_t *)r->data + e->begin : NULL;
+            size_t align = st_aten.dtype_element_size(dtype);
+            int aligned = src && align && ((uintptr_t)src % align) == 0;
+            if (zero_copy && aligned && e->nbytes > 0) {
+                st_blob_incref(r->blob);
+                rc = st_aten.from_blob(src, (int64_t)e->ndim, sizes, strides, 0, dtype,
+                                       st_aten.device_cpu, -1, &h[i], st_aten.layout_strided,
+                                       NULL, 0, blob_deleter, r->blob);
+                if (rc != 0)
+                    st_blob_decref(r->blob);
+            } else {
+                /* owned memory: misaligned data, mmap=False, bytes input, empty tensors */
+                rc = st_aten.empty_strided((int64_t)e->ndim, sizes, strides, dtype,
+                                           st_aten.device_cpu, -1, &h[i]);
+                if (rc == 0 && e->nbytes > 0 && st_aten.get_data_ptr(h[i], &fill_dst[i]) != 0)
+                    rc = 1;
+            }
+        }
+        if (rc != 0) {
+            h[i] = NULL;
+            raise_aten(PyExc_RuntimeError, "torch could not create the tensor", name);
+            goto error;
+        }
+        Py_CLEAR(name);
+    }
+    /* fill owned tensors without the GIL */
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const st_entry *e = es[i];
+        if (!fill_dst[i])
+            continue;
+        if (r->data) {
+            memcpy(fill_dst[i], r->data + e->begin, (size_t)e->nbytes);
+        } else if (st_pread_all(r->fd, fill_dst[i], (size_t)e->nbytes,
+                                r->table.data_start + e->begin) != 0) {
+            sys_errno = errno;
+            failed_at = i;
+            break;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    if (sys_errno) {
+        if (sys_errno == ENODATA) {
+            name = entry_name(r, es[failed_at]);
+            PyErr_Format(SafetensorError,
+                         "tensor %R: the file is shorter than its header says: it was truncated "
+                         "while being read",
+                         name);
+        } else {
+            raise_errno(sys_errno, r->path);
+        }
+        goto error;
+    }
+    list = wrap_handles(h, n);
+    PyMem_Free(h);
+    h = NULL;
+    goto done;
+error:
+    if (h)
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (h[i])
+                st_aten.delete_tensor(h[i]);
+    PyMem_Free(h);
+    list = NULL;
+done:
+    Py_XDECREF(name);
+    PyMem_Free(fill_dst);
+    PyMem_Free(sizes);
+    PyMem_Free(strides);
+    return list;
+}
+
+static int parse_device(PyObject *device, int *out)
+{
+    if (!device || device == Py_None) {
+        *out = DEV_CPU;
+        return 0;
+    }
+    if (PyUnicode_Check(device)) {
+        if (PyUnicode_CompareWithASCIIString(device, "cpu") == 0) {
+            *out = DEV_CPU;
+            return 0;
+        }
+        if (PyUnicode_CompareWithASCIIString(device, "meta") == 0) {
+            *out = DEV_META;
+            return 0;
+        }
+    }
+    PyErr_Format(PyExc_ValueError, "the C reader builds tensors on 'cpu' or 'meta', not %R",
+                 device);
+    return -1;
+}
+
+/* tensors(names=None, device="cpu") -> dict in file order (or the order of names) */
+static PyObject *Reader_tensors(Reader *r, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"names", "device", NULL};
+    PyObject *names = Py_None, *device = NULL, *list = NULL, *dict = NULL, *seq = NULL;
+    const st_entry **es = NULL;
+    Py_ssize_t n;
+    int dev;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|OO:tensors", kwlist, &names, &device))
+        return NULL;
+    if (Reader_check_open(r) < 0 || parse_device(device, &dev) < 0)
+        return NULL;
+    if (names == Py_None) {
+        seq = Reader_offset_keys(r, NULL);
+    } else {
+        seq = PySequence_Fast(names, "names must be a sequence of str");
+    }
+    if (!seq)
+        return NULL;
+    n = PySequence_Fast_GET_SIZE(seq);
+    es = PyMem_Calloc((size_t)n ? (size_t)n : 1, sizeof(*es));
+    if (!es) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!(es[i] = Reader_lookup(r, PySequence_Fast_GET_ITEM(seq, i))))
+            goto done;
+    list = Reader_build(r, es, n, dev);
+    if (!list)
+        goto done;
+    dict = PyDict_New();
+    if (!dict)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (PyDict_SetItem(dict, PySequence_Fast_GET_ITEM(seq, i), PyList_GET_ITEM(list, i)) <
+            0) {
+            Py_CLEAR(dict);
+            goto done;
+        }
+    }
+done:
+    PyMem_Free(es);
+    Py_XDECREF(seq);
+    Py_XDECREF(list);
+    return dict;
+}
+
+static PyObject *Reader_tensor(Reader *r, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"name", "device", NULL};
+    PyObject *name, *device = NULL, *list, *t;
+    const st_entry *e;
+    int dev;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|O:tensor", kwlist, &name, &device))
+        return NULL;
+    if (Reader_check_open(r) < 0 || parse_device(device, &dev) < 0 ||
+        !(e = Reader_lookup(r, name)))
+        return NULL;
+    list = Reader_build(r, &e, 1, dev);
+    if (!list)
+        return NULL;
+    t = Py_NewRef(PyList_GET_ITEM(list, 0));
+    Py_DECREF(list);
+    return t;
+}
+
+static PyObject *Reader_buffer(Reader *r, PyObject *unused)
+{
+    (void)unused;
+    if (Reader_check_open(r) < 0)
+        return NULL;
+    if (r->blob)
+        return Mapping_new(r->blob);
+    if (r->view.obj)
+        return Py_NewRef(r->view.obj);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Reader_close(Reader *r, PyObject *unused)
+{
+    (void)unused;
+    Reader_release(r);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Reader_get_data_start(Reader *r, void *c)
+{
+    (void)c;
+    if (Reader_check_open(r) < 0)
+        return NULL;
+    return PyLong_FromUnsignedLongLong(r->table.data_start);
+}
+
+static PyObject *Reader_get_file_size(Reader *r, void *c)
+{
+    (void)c;
+    return PyLong_FromUnsignedLongLong(r->file_size);
+}
+
+static PyObject *Reader_get_mapped(Reader *r, void *c)
+{
+    (void)c;
+    return PyBool_FromLong(r->blob != NULL);
+}
+
+static PyObject *Reader_get_closed(Reader *r, void *c)
+{
+    (void)c;
+    return PyBool_FromLong(!r->ready);
+}
+
+static PyObject *Reader_get_fd(Reader *r, void *c)
+{
+    (void)c;
+    return PyLong_FromLong(r->fd);
+}
+
+static Py_ssize_t Reader_len(Reader *r)
+{
+    return r->ready ? (Py_ssize_t)r->table.count : 0;
+}
+
+static PyMethodDef Reader_methods[] = {
+    {"keys", (PyCFunction)Reader_keys, METH_NOARGS, "Tensor names, sorted."},
+    {"offset_keys", (PyCFunction)Reader_offset_keys, METH_NOARGS,
+     "Tensor names in file order."},
+    {"metadata", (PyCFunction)Reader_metadata, METH_NOARGS,
+     "The __metadata__ dict, or None."},
+    {"info", (PyCFunction)Reader_info, METH_O,
+     "info(name) -> (dtype, shape, begin, end), offsets from the file's start."},
+    {"tensors", (PyCFunction)(void (*)(void))Reader_tensors, METH_VARARGS | METH_KEYWORDS,
+     "tensors(names=None, device='cpu') -> dict of tensors."},
+    {"tensor", (PyCFunction)(void (*)(void))Reader_tensor, METH_VARARGS | METH_KEYWORDS,
+     "tensor(name, device='cpu') -> Tensor."},
+    {"buffer", (PyCFunction)Reader_buffer, METH_NOARGS,
+     "The mapping as a buffer object (or the bytes read), or None."},
+    {"close", (PyCFunction)Reader_close, METH_NOARGS,
+     "Releases the file; tensors already built keep the mapping alive."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Reader_getset[] = {
+    {"data_start", (getter)Reader_get_data_start, NULL, "Offset of the data buffer.", NULL},
+    {"file_size", (getter)Reader_get_file_size, NULL, "Size of the file.", NULL},
+    {"mapped", (getter)Reader_get_mapped, NULL, "Whether the file is mapped.", NULL},
+    {"closed", (getter)Reader_get_closed, NULL, "Whether close() was called.", NULL},
+    {"fd", (getter)Reader_get_fd, NULL, "The descriptor kept for reads, or -1.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PySequenceMethods Reader_as_sequence = {
+    .sq_length = (lenfunc)Reader_len,
+};
+
+static PyTypeObject Reader_Type = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "torch_safetensors._C.Reader",
+    .tp_basicsize = sizeof(Reader),
+    .tp_dealloc = (destructor)Reader_dealloc,
+    .tp_as_sequence = &Reader_as_sequence,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Reader(path=None, data=None, *, mmap=True): a validated safetensors file.",
+    .tp_methods = Reader_methods,
+    .tp_getset = Reader_getset,
+    .tp_new = Reader_new,
+};
+
+/* ---- saving ---- */
+
+typedef struct {
+    st_tensor handle;
+    void *data;          /* contiguous CPU bytes, or NULL when materialized at write time */
+    int64_t ndim;
+    int64_t *sizes;      /* borrowed from the handle */
+    uint64_t *shape;     /* header shape */
+    uint64_t nbytes;
+    uintptr_t lo, hi;    /* memory range, for sharing checks */
+    int32_t dtype_code;
+    int on_cpu;
+    size_t index;        /* position in the caller's order */
+} save_item;
+
+/* Handles for a list of tensors, owned by the caller. */
+static int tensors_to_handles(PyObject *tensors, st_tensor *out, Py_ssize_t n)
+{
+    PyObject *caps;
+    if (st_aten.from_pyobject) {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (st_aten.from_pyobject(PyList_GET_ITEM(tensors, i), &out[i]) != 0) {
+                raise_aten(PyExc_RuntimeError, "could not read a tensor", NULL);
+                return -1;
+            }
+        }
+        return 0;
+    }
+    if (!make_handles_fn) {
+        PyErr_SetString(PyExc_RuntimeError, "torch offers no way to read tensor handles");
+        return -1;
+    }
+    caps = PyObject_CallOneArg(make_handles_fn, tensors);
+    if (!caps)
+        return -1;
+    if (!PyList_Check(caps) || PyList_GET_SIZE(caps) != n) {
+        Py_DECREF(caps);
+        PyErr_SetString(PyExc_RuntimeError, "torch returned an unexpected handle list");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *cap = PyList_GET_ITEM(caps, i);
+        out[i] = PyCapsule_CheckExact(cap) ? PyCapsule_GetPointer(cap, NULL) : NULL;
+        if (!out[i]) {
+            PyErr_Clear();
+            /* the remaining handles cannot be recovered; they leak rather than crash */
+            Py_DECREF(caps);
+            PyErr_SetString(PyExc_RuntimeError, "torch returned an unexpected handle");
+            return -1;
+        }
+    }
+    Py_DECREF(caps);
+    return 0;
+}
+
+static int cmp_range(const void *a, const void *b)
+{
+    const save_item *x = *(save_item *const *)a, *y = *(save_item *const *)b;
+    if (x->lo != y->lo)
+        return x->lo < y->lo ? -1 : 1;
+    return x->index < y->index ? -1 : x->index > y->index;
+}
+
+/* Copies a non-contiguous or non-CPU tensor into a fresh contiguous CPU tensor. */
+static st_tensor materialize(const save_item *it, void **data)
+{
+    st_tensor tmp = NULL;
+    int64_t *strides = malloc((size_t)(it->ndim ? it->ndim : 1) * sizeof(int64_t));
+    int64_t stride = 1;
+    *data = NULL;
+    if (!strides)
+        return NULL;
+    for (int64_t d = it->ndim; d-- > 0;) {
+        strides[d] = stride;
+        stride *= it->sizes[d] > 1 ? it->sizes[d] : 1;
+    }
+    if (st_aten.empty_strided(it->ndim, it->sizes, strides, it->dtype_code, st_aten.device_cpu,
+                              -1, &tmp) != 0)
+        tmp = NULL;
+    free(strides);
+    if (!tmp)
+        return NULL;
+    if (st_aten.copy_(tmp, it->handle, 0) != 0 || st_aten.get_data_ptr(tmp, data) != 0) {
+        st_aten.delete_tensor(tmp);
+        return NULL;
+    }
+    return tmp;
+}
+
+typedef struct {
+    save_item *items;
+    const st_plan *plan;
+    size_t n;
+    st_writer *w;      /* file output, or NULL */
+    uint8_t *out;      /* memory output, or NULL */
+    int sys_errno;
+    int aten_failed;
+    size_t failed_item;
+} write_job;
+
+static int flush_iov(write_job *job, struct iovec *iov, int *cnt)
+{
+    if (*cnt && st_writer_writev(job->w, iov, *cnt) != 0) {
+        job->sys_errno = errno;
+        return -1;
+    }
+    *cnt = 0;
+    return 0;
+}
+
+/* Writes header and data in file order; runs without the GIL. */
+static int write_all(write_job *job)
+{
+    struct iovec iov[IOV_MAX < 1024 ? IOV_MAX : 1024];
+    int cnt = 0;
+    size_t pos = job->plan->header_len;
+    const size_t chunk = (size_t)1 << 30; /* a single write moves at most ~2 GiB */
+    if (job->out) {
+        memcpy(job->out, job->plan->header, job->plan->header_len);
+    } else {
+        iov[cnt].iov_base = job->plan->header;
+        iov[cnt].iov_len = job->plan->header_len;
+        cnt++;
+    }
+    for (size_t k = 0; k < job->n; k++) {
+        save_item *it = &job->items[job->plan->order[k]];
+        st_tensor tmp = NULL;
+        uint8_t *src = it->data;
+        if (it->nbytes == 0)
+            continue;
+        if (!src) {
+            void *p;
+            tmp = materialize(it, &p);
+            if (!tmp) {
+                job->aten_failed = 1;
+                job->failed_item = it->index;
+                return -1;
+            }
+            src = p;
+        }
+        if (job->out) {
+            memcpy(job->out + pos, src, (size_t)it->nbytes);
+            pos += (size_t)it->nbytes;
+        } else {
+            for (uint64_t off = 0; off < it->nbytes; off += chunk) {
+                size_t len = it->nbytes - off < chunk ? (size_t)(it->nbytes - off) : chunk;
+                if (cnt == (int)(sizeof(iov) / sizeof(iov[0])) && flush_iov(job, iov, &cnt) < 0)
+                    break;
+                iov[cnt].iov_base = src + off;
+                iov[cnt].iov_len = len;
+                cnt++;
+            }
+            /* a temporary copy must be written before it is freed */
+            if (tmp && !job->sys_errno)
+                flush_iov(job, iov, &cnt);
+        }
+        if (tmp)
+            st_aten.delete_tensor(tmp);
+        if (job->sys_errno)
+            return -1;
+    }
+    if (!job->out && flush_iov(job, iov, &cnt) < 0)
+        return -1;
+    return 0;
+}
+
+static PyObject *dtype_repr(PyObject *tensor)
+{
+    PyObject *dt = PyObject_GetAttrString(tensor, "dtype");
+    PyObject *s;
+    if (!dt) {
+        PyErr_Clear();
+        return PyUnicode_FromString("?");
+    }
+    s = PyObject_Str(dt);
+    Py_DECREF(dt);
+    return s;
+}
+
+/* Reads a tensor's layout, dtype, device, shape and data into a save_item. */
+static int describe(save_item *it, PyObject *name, PyObject *tensor)
+{
+    int32_t layout, device, st;
+    int64_t numel;
+    bool contiguous;
+    size_t esize;
+    if (st_aten.get_layout(it->handle, &layout) != 0 || st_aten.get_dtype(it->handle,
+                                                                          &it->dtype_code) != 0 ||
+        st_aten.get_device_type(it->handle, &device) != 0) {
+        raise_aten(PyExc_TypeError, "cannot read the layout, dtype or device", name);
+        return -1;
+    }
+    if (layout != st_aten.layout_strided) {
+        PyErr_Format(PyExc_TypeError,
+                     "tensor %R is not dense (sparse or another layout): safetensors stores "
+                     "dense tensors; convert it with .to_dense()",
+                     name);
+        return -1;
+    }
+    st = st_aten_dtype_to_st(it->dtype_code);
+    if (st < 0) {
+        PyObject *d = dtype_repr(tensor);
+        PyErr_Format(PyExc_TypeError, "tensor %R has dtype %S, which safetensors cannot store",
+                     name, d);
+        Py_XDECREF(d);
+        return -1;
+    }
+    if (device == st_aten.device_meta) {
+        PyErr_Format(PyExc_TypeError,
+                     "tensor %R is on the meta device and has no data to save; materialize it "
+                     "first (for example with .to_empty(device='cpu') and an initializer)",
+                     name);
+        return -1;
+    }
+    it->on_cpu = device == st_aten.device_cpu;
+    if (st_aten.get_dim(it->handle, &it->ndim) != 0 ||
+        st_aten.get_sizes(it->handle, &it->sizes) != 0 ||
+        st_aten.get_numel(it->handle, &numel) != 0 ||
+        st_aten.is_contiguous(it->handle, &contiguous) != 0) {
+        raise_aten(PyExc_TypeError, "cannot read the shape", name);
+        return -1;
+    }
+    esize = st_aten.dtype_element_size(it->dtype_code);
+    it->nbytes = (uint64_t)numel * esize;
+    it->shape = PyMem_Malloc((size_t)(it->ndim ? it->ndim : 1) * sizeof(uint64_t));
+    if (!it->shape) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (int64_t d = 0; d < it->ndim; d++)
+        it->shape[d] = (uint64_t)it->sizes[d];
+    if (st == ST_F4) {
+        if (it->ndim == 0) {
+            PyErr_Format(PyExc_TypeError,
+                         "tensor %R: a 0-dim float4_e2m1fn_x2 tensor has no safetensors shape "
+                         "(F4 stores single values); reshape it to [1]",
+                         name);
+            return -1;
+        }
+        it->shape[it->ndim - 1] *= 2;
+    }
+    it->data = NULL;
+    it->lo = it->hi = 0;
+    if (numel > 0) {
+        void *p;
+        int64_t *strides;
+        if (st_aten.get_data_ptr(it->handle, &p) != 0 ||
+            st_aten.get_strides(it->handle, &strides) != 0) {
+            raise_aten(PyExc_TypeError, "cannot read the data", name);
+            return -1;
+        }
+        /* the memory the tensor spans, for overlap checks */
+        int64_t lo = 0, hi = 0;
+        for (int64_t d = 0; d < it->ndim; d++) {
+            int64_t span = (it->sizes[d] - 1) * strides[d];
+            if (span < 0)
+                lo += span;
+            else
+                hi += span;
+        }
+        it->lo = (uintptr_t)p + (uintptr_t)(lo * (int64_t)esize);
+        it->hi = (uintptr_t)p + (uintptr_t)((hi + 1) * (int64_t)esize);
+        if (it->on_cpu && contiguous)
+            it->data = p;
+    }
+    return 0;
+}
+
+/* save(tensors: dict[str, Tensor], metadata, path=None, *, durable, check_shared)
+ * -> None, or bytes when path is None */
+static PyObject *mod_save(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"tensors", "metadata", "path", "durable", "check_shared", NULL};
+    PyObject *tensors, *metadata = Py_None, *path = Py_None, *encoded = NULL;
+    PyObject *names = NULL, *values = NULL, *result = NULL, *fspath = NULL;
+    int durable = 0, check_shared = 1;
+    Py_ssize_t n = 0, nmeta = 0;
+    st_tensor *handles = NULL;
+    save_item *items = NULL;
+    save_item **ranges = NULL;
+    st_write_item *witems = NULL;
+    st_meta_item *mitems = NULL;
+    st_plan plan;
+    st_error err;
+    st_code rc;
+    (void)self;
+
+    memset(&plan, 0, sizeof(plan));
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO$pp:save", kwlist, &tensors, &metadata,
+                                     &path, &durable, &check_shared))
+        return NULL;
+    if (!st_aten.ready) {
+        PyErr_SetString(PyExc_RuntimeError, "libtorch's C ABI is not available");
+        return NULL;
+    }
+    if (!PyDict_Check(tensors)) {
+        PyErr_Format(PyExc_TypeError, "expected a dict of str to Tensor, got %.100s",
+                     Py_TYPE(tensors)->tp_name);
+        return NULL;
+    }
+    if (path != Py_None) {
+        if (!PyUnicode_FSConverter(path, &encoded))
+            return NULL;
+        fspath = PyOS_FSPath(path);
+        if (!fspath)
+            goto done;
+    }
+    n = PyDict_GET_SIZE(tensors);
+    names = PyList_New(n);
+    values = PyList_New(n);
+    if (!names || !values)
+        goto done;
+    {
+        Py_ssize_t pos = 0, i = 0;
+        PyObject *k, *v;
+        while (PyDict_Next(tensors, &pos, &k, &v)) {
+            if (!PyUnicode_Check(k)) {
+                PyErr_Format(PyExc_TypeError, "tensor names must be str, got %.100s key %R",
+                             Py_TYPE(k)->tp_name, k);
+                goto done;
+            }
+            if (!PyObject_TypeCheck(v, (PyTypeObject *)tensor_type)) {
+                PyErr_Format(PyExc_TypeError, "%R: expected a Tensor, got %.100s", k,
+                             Py_TYPE(v)->tp_name);
+                goto done;
+            }
+            PyList_SET_ITEM(names, i, Py_NewRef(k));
+            PyList_SET_ITEM(values, i, Py_NewRef(v));
+            i++;
+        }
+    }
+    if (metadata != Py_None) {
+        Py_ssize_t pos = 0, i = 0;
+        PyObject *k, *v;
+        if (!PyDict_Check(metadata)) {
+            PyErr_Format(PyExc_TypeError, "metadata must be a dict of str to str, got %.100s",
+                         Py_TYPE(metadata)->tp_name);
+            goto done;
+        }
+        nmeta = PyDict_GET_SIZE(metadata);
+        mitems = PyMem_Calloc((size_t)nmeta ? (size_t)nmeta : 1, sizeof(*mitems));
+        if (!mitems) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        while (PyDict_Next(metadata, &pos, &k, &v)) {
+            Py_ssize_t kl, vl;
+            if (!PyUnicode_Check(k) || !PyUnicode_Check(v)) {
+                PyErr_Format(PyExc_TypeError,
+                             "metadata must map str to str; key %R has a %.100s value", k,
+                             Py_TYPE(v)->tp_name);
+                goto done;
+            }
+            mitems[i].key = PyUnicode_AsUTF8AndSize(k, &kl);
+            mitems[i].value = mitems[i].key ? PyUnicode_AsUTF8AndSize(v, &vl) : NULL;
+            if (!mitems[i].value)
+                goto done;
+            mitems[i].key_len = (size_t)kl;
+            mitems[i].value_len = (size_t)vl;
+            i++;
+        }
+    }
+    handles = PyMem_Calloc((size_t)n ? (size_t)n : 1, sizeof(st_tensor));
+    items = PyMem_Calloc((size_t)n ? (size_t)n : 1, sizeof(save_item));
+    witems = PyMem_Calloc((size_t)n ? (size_t)n : 1, sizeof(st_write_item));
+    ranges = PyMem_Calloc((size_t)n ? (size_t)n : 1, sizeof(save_item *));
+    if (!handles || !items || !witems || !ranges) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (n && tensors_to_handles(values, handles, n) < 0)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *name = PyList_GET_ITEM(names, i);
+        Py_ssize_t len;
+        items[i].handle = handles[i];
+        items[i].index = (size_t)i;
+        if (describe(&items[i], name, PyList_GET_ITEM(values, i)) < 0)
+            goto done;
+        witems[i].name = PyUnicode_AsUTF8AndSize(name, &len);
+        if (!witems[i].name)
+            goto done;
+        witems[i].name_len = (size_t)len;
+        witems[i].shape = items[i].shape;
+        witems[i].ndim = (size_t)items[i].ndim;
+        witems[i].nbytes = items[i].nbytes;
+        witems[i].dtype = (st_dtype)st_aten_dtype_to_st(items[i].dtype_code);
+        ranges[i] = &items[i];
+    }
+    if (check_shared && n > 1) {
+        /* tensors whose memory overlaps would come back as separate copies */
+        qsort(ranges, (size_t)n, sizeof(*ranges), cmp_range);
+        save_item *reach = NULL;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            save_item *it = ranges[i];
+            if (it->hi == it->lo || !it->on_cpu)
+                continue;
+            if (reach && it->lo < reach->hi) {
+                PyErr_Format(PyExc_RuntimeError,
+                             "tensors %R and %R share memory: saving them would store two "
+                             "copies that load back as separate tensors. Save only one of them "
+                             "(and re-tie after loading), or use torch.save(obj, f, "
+                             "format=\"safetensors\"), which stores tied tensors once",
+                             PyList_GET_ITEM(names, (Py_ssize_t)reach->index),
+                             PyList_GET_ITEM(names, (Py_ssize_t)it->index));
+                goto done;
+            }
+            if (!reach || it->hi > reach->hi)
+                reach = it;
+        }
+    }
+    rc = st_plan_write(witems, (size_t)n, mitems, (size_t)nmeta, metadata != Py_None, &plan,
+                       &err);
+    if (rc != ST_OK) {
+        if (rc == ST_ERR_NOMEM) {
+            PyErr_NoMemory();
+        } else {
+            PyObject *nm = PyUnicode_DecodeUTF8(err.tensor, (Py_ssize_t)err.tensor_len, "replace");
+            if (nm && err.tensor_len)
+                PyErr_Format(rc == ST_ERR_DUPLICATE ? PyExc_ValueError : PyExc_ValueError,
+                             "cannot save tensor %R: %s", nm, err.message);
+            else if (nm)
+                PyErr_Format(PyExc_ValueError, "cannot save: %s", err.message);
+            Py_XDECREF(nm);
+        }
+        goto done;
+    }
+    {
+        write_job job;
+        st_writer w;
+        int wrc = 0, opened = 0;
+        memset(&job, 0, sizeof(job));
+        job.items = items;
+        job.plan = &plan;
+        job.n = (size_t)n;
+        if (path == Py_None) {
+            uint64_t total = plan.header_len + plan.data_len;
+            if (total > PY_SSIZE_T_MAX) {
+                PyErr_SetString(PyExc_OverflowError, "the tensors are too large for bytes");
+                goto done;
+            }
+            result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
+            if (!result)
+                goto done;
+            job.out = (uint8_t *)PyBytes_AS_STRING(result);
+        } else {
+            job.w = &w;
+        }
+        Py_BEGIN_ALLOW_THREADS
+        if (job.w) {
+            if (st_writer_open(&w, PyBytes_AS_STRING(encoded)) != 0) {
+                job.sys_errno = errno;
+            } else {
+                opened = 1;
+                wrc = write_all(&job);
+                if (wrc == 0 && st_writer_commit(&w, durable) != 0)
+                    job.sys_errno = errno;
+                else if (wrc != 0)
+                    st_writer_abort(&w);
+            }
+        } else {
+            wrc = write_all(&job);
+        }
+        Py_END_ALLOW_THREADS
+        (void)opened;
+        if (job.aten_failed) {
+            Py_CLEAR(result);
+            raise_aten(PyExc_RuntimeError, "torch could not copy the tensor to the CPU",
+                       PyList_GET_ITEM(names, (Py_ssize_t)job.failed_item));
+            goto done;
+        }
+        if (job.sys_errno) {
+            Py_CLEAR(result);
+            raise_errno(job.sys_errno, fspath);
+            goto done;
+        }
+        if (!result)
+            result = Py_NewRef(Py_None);
+    }
+done:
+    if (handles)
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (handles[i])
+                st_aten.delete_tensor(handles[i]);
+    if (items)
+        for (Py_ssize_t i = 0; i < n; i++)
+            PyMem_Free(items[i].shape);
+    PyMem_Free(handles);
+    PyMem_Free(items);
+    PyMem_Free(witems);
+    PyMem_Free(ranges);
+    PyMem_Free(mitems);
+    st_plan_free(&plan);
+    Py_XDECREF(names);
+    Py_XDECREF(values);
+    Py_XDECREF(encoded);
+    Py_XDECREF(fspath);
+    return result;
+}
+
+/* ---- module functions ---- */
+
+static PyObject *mod_init(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"libtorch_cpu", "libtorch_python", "steal_handles",
+                             "make_handles", "tensor_type", NULL};
+    const char *cpu, *py = NULL;
+    PyObject *steal = Py_None, *make = Py_None, *ttype;
+    char msg[512];
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "szOOO:init", kwlist, &cpu, &py, &steal, &make,
+                                     &ttype))
+        return NULL;
+    if (!PyType_Check(ttype)) {
+        PyErr_SetString(PyExc_TypeError, "tensor_type must be torch.Tensor");
+        return NULL;
+    }
+    if (st_aten_init(cpu, py, msg, sizeof(msg)) != 0) {
+        PyErr_SetString(PyExc_ImportError, msg);
+        return NULL;
+    }
+    Py_XSETREF(steal_handles_fn, steal == Py_None ? NULL : Py_NewRef(steal));
+    Py_XSETREF(make_handles_fn, make == Py_None ? NULL : Py_NewRef(make));
+    Py_XSETREF(tensor_type, Py_NewRef(ttype));
+    return Py_BuildValue("{s:O,s:O,s:O,s:O}", "aten", st_aten.ready ? Py_True : Py_False,
+                         "from_blob", st_aten.from_blob ? Py_True : Py_False, "to_pyobject",
+                         st_aten.to_pyobject ? Py_True : Py_False, "from_pyobject",
+                         st_aten.from_pyobject ? Py_True : Py_False);
+}
+
+static PyObject *mod_set_zero_copy(PyObject *self, PyObject *arg)
+{
+    int v = PyObject_IsTrue(arg);
+    (void)self;
+    if (v < 0)
+        return NULL;
+    zero_copy_enabled = v;
+    Py_RETURN_NONE;
+}
+
+static PyObject *mod_zero_copy(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyBool_FromLong(zero_copy_enabled && st_aten.ready && st_aten.from_blob &&
+                           (st_aten.to_pyobject || steal_handles_fn));
+}
+
+static PyObject *mod_sniff(PyObject *self, PyObject *args)
+{
+    Py_buffer buf;
+    unsigned long long size;
+    int r;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "y*K:sniff", &buf, &size))
+        return NULL;
+    r = st_sniff(buf.buf, (size_t)buf.len, size);
+    PyBuffer_Release(&buf);
+    return PyBool_FromLong(r);
+}
+
+static PyObject *mod_live_mappings(PyObject *self, PyObject *unused)
+{
+    (void)self;
+    (void)unused;
+    return PyLong_FromLong(st_blob_live());
+}
+
+static PyMethodDef module_methods[] = {
+    {"init", (PyCFunction)(void (*)(void))mod_init, METH_VARARGS | METH_KEYWORDS,
+     "Finds libtorch's C ABI; returns the features found."},
+    {"save", (PyCFunction)(void (*)(void))mod_save, METH_VARARGS | METH_KEYWORDS,
+     "save(tensors, metadata=None, path=None, *, durable=False, check_shared=True)"},
+    {"set_zero_copy", mod_set_zero_copy, METH_O,
+     "Enables or disables tensors built over the mapping (tests force the fallback)."},
+    {"zero_copy", mod_zero_copy, METH_NOARGS, "Whether the C zero-copy path is in use."},
+    {"sniff", mod_sniff, METH_VARARGS,
+     "sniff(prefix, file_size): whether the bytes look like a safetensors file."},
+    {"live_mappings", mod_live_mappings, METH_NOARGS, "Mappings alive in this process."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "torch_safetensors._C",
+    "The C core of torch_safetensors: format engine, file layer, ATen binding.", -1,
+    module_methods, NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__C(void);
+
+PyMODINIT_FUNC PyInit__C(void)
+{
+    PyObject *m = PyModule_Create(&module_def);
+    if (!m)
+        return NULL;
+    if (PyType_Ready(&Mapping_Type) < 0 || PyType_Ready(&Reader_Type) < 0)
+        goto error;
+    SafetensorError = PyErr_NewExceptionWithDoc(
+        "torch_safetensors.SafetensorError",
+        "A safetensors file or buffer is malformed; the message says which rule failed.",
+        PyExc_ValueError, NULL);
+    if (!SafetensorError || PyModule_AddObjectRef(m, "SafetensorError", SafetensorError) < 0)
+        goto error;
+    if (PyModule_AddObjectRef(m, "Reader", (PyObject *)&Reader_Type) < 0 ||
+        PyModule_AddObjectRef(m, "Mapping", (PyObject *)&Mapping_Type) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_HEADER_LEN", (long)ST_MAX_HEADER_LEN) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_DEPTH", ST_MAX_DEPTH) < 0)
+        goto error;
+    return m;
+error:
+    Py_DECREF(m);
+    return NULL;
+}

@@ -1,0 +1,312 @@
+/* st_file.c: the file layer: reference-counted private mappings, positioned reads,
+ * and atomic writes (temporary file in the target's directory, then rename). */
+#define _GNU_SOURCE
+#include "st_file.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <libgen.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+/* ---- blobs ---- */
+
+static atomic_long live_blobs;
+
+long st_blob_live(void)
+{
+    return atomic_load(&live_blobs);
+}
+
+st_blob *st_blob_map(int fd, size_t len)
+{
+    st_blob *b;
+    void *p;
+    int saved;
+    b = malloc(sizeof(*b));
+    if (!b) {
+        errno = ENOMEM;
+        return NULL;
+    }
+    /* private and writable: in-place edits of loaded tensors copy the page and
+     * never reach the file */
+    p = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    if (p == MAP_FAILED) {
+        saved = errno;
+        free(b);
+        errno = saved;
+        return NULL;
+    }
+    atomic_init(&b->refs, 1);
+    b->base = p;
+    b->len = len;
+    b->kind = ST_BLOB_MMAP;
+    atomic_fetch_add(&live_blobs, 1);
+    return b;
+}
+
+void st_blob_incref(st_blob *b)
+{
+    atomic_fetch_add_explicit(&b->refs, 1, memory_order_relaxed);
+}
+
+void st_blob_decref(st_blob *b)
+{
+    if (atomic_fetch_sub_explicit(&b->refs, 1, memory_order_acq_rel) != 1)
+        return;
+    if (b->kind == ST_BLOB_MMAP)
+        munmap(b->base, b->len);
+    else
+        free(b->base);
+    free(b);
+    atomic_fetch_sub(&live_blobs, 1);
+}
+
+void st_advise(const st_blob *b, size_t off, size_t len, int sequential)
+{
+    long page = sysconf(_SC_PAGESIZE);
+    size_t start, end;
+    if (b->kind != ST_BLOB_MMAP || off >= b->len || page <= 0)
+        return;
+    if (len > b->len - off)
+        len = b->len - off;
+    start = off - off % (size_t)page;
+    end = off + len;
+    madvise(b->base + start, end - start, sequential ? MADV_SEQUENTIAL : MADV_WILLNEED);
+}
+
+/* ---- reading ---- */
+
+int st_open_read(const char *path, uint64_t *size)
+{
+    struct stat st;
+    int fd, saved;
+    do {
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+    } while (fd < 0 && errno == EINTR);
+    if (fd < 0)
+        return -1;
+    if (fstat(fd, &st) != 0)
+        goto error;
+    if (S_ISDIR(st.st_mode)) {
+        errno = EISDIR;
+        goto error;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        /* pipes and devices have no stable size to validate against */
+        errno = EINVAL;
+        goto error;
+    }
+    *size = (uint64_t)st.st_size;
+    return fd;
+error:
+    saved = errno;
+    close(fd);
+    errno = saved;
+    return -1;
+}
+
+int st_pread_all(int fd, void *buf, size_t len, uint64_t offset)
+{
+    uint8_t *p = buf;
+    while (len) {
+        size_t chunk = len > (1u << 30) ? (1u << 30) : len;
+        ssize_t r = pread(fd, p, chunk, (off_t)offset);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        if (r == 0) {
+            errno = ENODATA; /* the file is shorter than when it was validated */
+            return -1;
+        }
+        p += r;
+        len -= (size_t)r;
+        offset += (uint64_t)r;
+    }
+    return 0;
+}
+
+/* ---- atomic writing ---- */
+
+static uint64_t mix64(uint64_t x)
+{
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ULL;
+    x ^= x >> 33;
+    return x;
+}
+
+int st_writer_open(st_writer *w, const char *path)
+{
+    struct stat st;
+    char *dir_copy = NULL, *base_copy = NULL;
+    const char *dir, *base;
+    mode_t mode = 0666;
+    int have_mode = 0, saved;
+    static atomic_ulong counter;
+
+    w->fd = -1;
+    w->tmp = NULL;
+    w->written = 0;
+    w->target = NULL;
+    /* a symlink is followed: the file it names is replaced, as open() would write it */
+    if (lstat(path, &st) == 0 && S_ISLNK(st.st_mode))
+        w->target = realpath(path, NULL);
+    if (!w->target)
+        w->target = strdup(path);
+    if (!w->target)
+        goto error;
+    if (stat(w->target, &st) == 0) {
+        if (S_ISDIR(st.st_mode)) {
+            errno = EISDIR;
+            goto error;
+        }
+        mode = st.st_mode & 07777;
+        have_mode = 1;
+    }
+    dir_copy = strdup(w->target);
+    base_copy = strdup(w->target);
+    if (!dir_copy || !base_copy)
+        goto error;
+    dir = dirname(dir_copy);
+    base = basename(base_copy);
+    for (int attempt = 0; attempt < 100; attempt++) {
+        struct timespec ts;
+        uint64_t r;
+        size_t n;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        r = mix64((uint64_t)ts.tv_nsec ^ ((uint64_t)getpid() << 32) ^
+                  (uint64_t)atomic_fetch_add(&counter, 1) ^ (uint64_t)(uintptr_t)w);
+        n = strlen(dir) + strlen(base) + 48;
+        free(w->tmp);
+        w->tmp = malloc(n);
+        if (!w->tmp)
+            goto error;
+        snprintf(w->tmp, n, "%s/.%s.%016llx.tmp", dir, base, (unsigned long long)r);
+        w->fd = open(w->tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, have_mode ? 0600 : 0666);
+        if (w->fd >= 0 || errno != EEXIST)
+            break;
+    }
+    if (w->fd < 0)
+        goto error;
+    /* an existing file keeps its permission bits (umask does not apply to fchmod) */
+    if (have_mode && fchmod(w->fd, mode) != 0)
+        goto error;
+    free(dir_copy);
+    free(base_copy);
+    return 0;
+error:
+    saved = errno;
+    if (w->fd >= 0) {
+        close(w->fd);
+        unlink(w->tmp);
+        w->fd = -1;
+    }
+    free(dir_copy);
+    free(base_copy);
+    free(w->tmp);
+    free(w->target);
+    w->tmp = w->target = NULL;
+    errno = saved;
+    return -1;
+}
+
+int st_writer_writev(st_writer *w, struct iovec *iov, int cnt)
+{
+    while (cnt > 0) {
+        ssize_t r = writev(w->fd, iov, cnt);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        if (r == 0) {
+            errno = EIO;
+            return -1;
+        }
+        w->written += (uint64_t)r;
+        /* skip what was written, resuming inside a partly written segment */
+        size_t left = (size_t)r;
+        while (cnt > 0 && left >= iov->iov_len) {
+            left -= iov->iov_len;
+            iov++;
+            cnt--;
+        }
+        if (cnt > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + left;
+            iov->iov_len -= left;
+        }
+    }
+    return 0;
+}
+
+static int sync_dir(const char *path)
+{
+    char *copy = strdup(path);
+    int fd, rc = 0, saved;
+    if (!copy)
+        return -1;
+    fd = open(dirname(copy), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0 || fsync(fd) != 0)
+        rc = -1;
+    saved = errno;
+    if (fd >= 0)
+        close(fd);
+    free(copy);
+    errno = saved;
+    return rc;
+}
+
+void st_writer_abort(st_writer *w)
+{
+    int saved = errno;
+    if (w->fd >= 0)
+        close(w->fd);
+    if (w->tmp)
+        unlink(w->tmp);
+    free(w->tmp);
+    free(w->target);
+    w->fd = -1;
+    w->tmp = w->target = NULL;
+    errno = saved;
+}
+
+int st_writer_commit(st_writer *w, int durable)
+{
+    int rc;
+    if (durable && fdatasync(w->fd) != 0)
+        goto error;
+    rc = close(w->fd);
+    w->fd = -1;
+    /* close can report a deferred write error (NFS, quotas) */
+    if (rc != 0)
+        goto error;
+    if (rename(w->tmp, w->target) != 0)
+        goto error;
+    if (durable && sync_dir(w->target) != 0) {
+        /* the new file is in place; only the directory flush failed */
+        int saved = errno;
+        free(w->tmp);
+        free(w->target);
+        w->tmp = w->target = NULL;
+        errno = saved;
+        return -1;
+    }
+    free(w->tmp);
+    free(w->target);
+    w->tmp = w->target = NULL;
+    return 0;
+error:
+    st_writer_abort(w);
+    return -1;
+}

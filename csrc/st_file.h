@@ -1,0 +1,73 @@
+/* st_file.h: the file layer: reference-counted private mappings of files, and
+ * atomic writes through a temporary file renamed over the target. No Python. */
+#ifndef ST_FILE_H
+#define ST_FILE_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+
+/* ---- blobs: bytes that tensors point into ---- */
+
+typedef enum { ST_BLOB_MMAP, ST_BLOB_HEAP } st_blob_kind;
+
+typedef struct {
+    atomic_long refs;
+    uint8_t *base;
+    size_t len;      /* bytes mapped or allocated */
+    st_blob_kind kind;
+} st_blob;
+
+/* Live blobs in this process, for leak tests. */
+long st_blob_live(void);
+
+/* Maps len bytes of fd privately (read-write, copy-on-write); refs starts at 1.
+ * Returns NULL with errno set on failure. len must be > 0. */
+st_blob *st_blob_map(int fd, size_t len);
+
+/* Takes a reference. */
+void st_blob_incref(st_blob *b);
+
+/* Drops a reference; the last one unmaps or frees. Safe from any thread. */
+void st_blob_decref(st_blob *b);
+
+/* ---- reading ---- */
+
+/* Opens path read-only (O_CLOEXEC) and checks it is a regular file; fills size.
+ * Returns the fd, or -1 with errno set. */
+int st_open_read(const char *path, uint64_t *size);
+
+/* Reads exactly len bytes at offset; returns 0, or -1 with errno set
+ * (EIO-like short reads report ENODATA: the file shrank). */
+int st_pread_all(int fd, void *buf, size_t len, uint64_t offset);
+
+/* Hints that [off, off+len) of a mapping will be read soon or sequentially. */
+void st_advise(const st_blob *b, size_t off, size_t len, int sequential);
+
+/* ---- atomic writing ---- */
+
+typedef struct {
+    int fd;
+    char *target;    /* resolved final path */
+    char *tmp;       /* temporary path in the target's directory */
+    uint64_t written;
+} st_writer;
+
+/* Creates a temporary file (O_EXCL|O_CLOEXEC) beside path, with an existing
+ * target's permission bits. Returns 0, or -1 with errno set. */
+int st_writer_open(st_writer *w, const char *path);
+
+/* Writes all of iov[0..cnt) (cnt <= IOV_MAX) at the current position, resuming
+ * after short writes. Returns 0, or -1 with errno set. */
+int st_writer_writev(st_writer *w, struct iovec *iov, int cnt);
+
+/* Flushes (when durable), closes and renames over the target; on durable also
+ * syncs the directory. Returns 0, or -1 with errno set (the temporary is removed). */
+int st_writer_commit(st_writer *w, int durable);
+
+/* Closes and removes the temporary file; keeps errno. */
+void st_writer_abort(st_writer *w);
+
+#endif

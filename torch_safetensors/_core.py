@@ -1,0 +1,120 @@
+"""Connects the C core to the running torch: finds libtorch's C ABI, and builds
+tensors through the frombuffer fallback when the C ABI cannot (torch < 2.11, or
+when tests force it)."""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional
+
+import torch
+
+from . import _C
+
+SafetensorError = _C.SafetensorError
+
+# Names as the header writes them -> torch dtypes (None: no torch equivalent here).
+DTYPES: Dict[str, Optional[torch.dtype]] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "U16": getattr(torch, "uint16", None),
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I32": torch.int32,
+    "U32": getattr(torch, "uint32", None),
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "I64": torch.int64,
+    "U64": getattr(torch, "uint64", None),
+    "C64": torch.complex64,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+    "F8_E5M2": getattr(torch, "float8_e5m2", None),
+    "F8_E4M3FNUZ": getattr(torch, "float8_e4m3fnuz", None),
+    "F8_E5M2FNUZ": getattr(torch, "float8_e5m2fnuz", None),
+    "F8_E8M0": getattr(torch, "float8_e8m0fnu", None),
+    "F4": getattr(torch, "float4_e2m1fn_x2", None),
+    "F6_E2M3": None,
+    "F6_E3M2": None,
+}
+
+
+def _init() -> Dict[str, Any]:
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    cpu = os.path.join(lib, "libtorch_cpu.so")
+    py = os.path.join(lib, "libtorch_python.so")
+    aoti = getattr(torch._C, "_aoti", None)
+    return _C.init(
+        cpu,
+        py if os.path.exists(py) else None,
+        getattr(aoti, "alloc_tensors_by_stealing_from_void_ptrs", None),
+        getattr(aoti, "unsafe_alloc_void_ptrs_from_tensors", None),
+        torch.Tensor,
+    )
+
+
+FEATURES = _init()
+
+
+def set_zero_copy(enabled: bool) -> None:
+    """Chooses the C zero-copy path (True) or forces the frombuffer fallback (False)."""
+    _C.set_zero_copy(bool(enabled))
+
+
+def zero_copy() -> bool:
+    """Whether mapped tensors are built by the C ABI (torch_from_blob)."""
+    return bool(_C.zero_copy())
+
+
+def _torch_shape(dtype_name: str, shape: tuple, name: str) -> list:
+    shape = list(shape)
+    if dtype_name == "F4":
+        if not shape or shape[-1] % 2:
+            raise SafetensorError(
+                f"tensor {name!r}: F4 needs an even last dimension to become torch's "
+                "float4_e2m1fn_x2 (two values per byte)"
+            )
+        shape[-1] //= 2
+    return shape
+
+
+def fallback_tensor(reader: "_C.Reader", name: str, buf: Any) -> torch.Tensor:
+    """One tensor over buf (the mapping) with torch.frombuffer: zero-copy when aligned."""
+    dtype_name, shape, begin, end = reader.info(name)
+    dtype = DTYPES.get(dtype_name)
+    if dtype is None:
+        raise SafetensorError(
+            f"tensor {name!r}: dtype {dtype_name} has no torch equivalent in this version of torch"
+        )
+    tshape = _torch_shape(dtype_name, shape, name)
+    if end == begin:
+        return torch.empty(tshape, dtype=dtype)
+    if buf is None:
+        # not mapped: read the bytes (mmap=False without the C ABI)
+        data = bytearray(os.pread(reader.fd, end - begin, begin))
+        if len(data) != end - begin:
+            raise SafetensorError(f"tensor {name!r}: the file was truncated while being read")
+        raw = torch.frombuffer(data, dtype=torch.uint8)
+    elif isinstance(buf, (bytes, bytearray, memoryview)):
+        raw = torch.frombuffer(bytearray(memoryview(buf)[begin:end]), dtype=torch.uint8)
+    else:
+        raw = torch.frombuffer(buf, dtype=torch.uint8, count=end - begin, offset=begin)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if raw.data_ptr() % itemsize:
+        raw = raw.clone()  # misaligned data crashes some kernels: copy into aligned memory
+    return raw.view(dtype).reshape(tshape)
+
+
+def build(reader: "_C.Reader", names: Optional[list], device: str) -> Dict[str, torch.Tensor]:
+    """Tensors for names (all, in file order, when None) on 'cpu' or 'meta'."""
+    use_c = FEATURES["aten"] and (device == "meta" or not reader.mapped or zero_copy())
+    if use_c:
+        return reader.tensors(names, device)
+    if names is None:
+        names = reader.offset_keys()
+    buf = reader.buffer()
+    out = {}
+    for name in names:
+        t = fallback_tensor(reader, name, buf)
+        out[name] = t.to("meta") if device == "meta" else t
+    return out
