@@ -4,6 +4,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <fcntl.h>
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
@@ -314,21 +315,20 @@ static PyObject *Reader_alloc(PyTypeObject *type)
     return (PyObject *)r;
 }
 
-/* Opens, maps (or reads the header of) and validates a file. */
-static int Reader_open_path(Reader *r, PyObject *path, int use_mmap)
+/* Maps (or reads the header of) and validates an open file. fd is the Reader's
+ * from here on when owned; a borrowed fd is never closed (dup'ed when kept). */
+static int Reader_open_fd(Reader *r, int fd, int owned, int use_mmap)
 {
-    const char *cpath = PyBytes_AS_STRING(path);
     st_error err;
     st_code rc = ST_OK;
-    int fd = -1, sys_errno = 0;
+    int sys_errno = 0;
     uint64_t size = 0, n = 0;
     uint8_t prefix[8];
     uint8_t *hdr = NULL;
 
     st_error_clear(&err);
     Py_BEGIN_ALLOW_THREADS
-    fd = st_open_read(cpath, &size);
-    if (fd < 0) {
+    if (st_fd_size(fd, &size) != 0) {
         sys_errno = errno;
     } else if (size < ST_PREFIX_LEN) {
         rc = st_read_prefix(prefix, 0, size, &n, &err);
@@ -342,11 +342,21 @@ static int Reader_open_path(Reader *r, PyObject *path, int use_mmap)
             else
                 rc = st_parse(r->blob->base, r->blob->len, &r->table, &err);
         }
-        /* tensors are served from this mapping; the path is never reopened */
-        close(fd);
+        /* tensors are served from this mapping; the file is never reopened */
+        if (owned)
+            close(fd);
+        owned = 0;
         fd = -1;
     } else {
-        if (st_pread_all(fd, prefix, sizeof(prefix), 0) != 0) {
+        if (!owned) {
+            fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+            owned = fd >= 0;
+            if (fd < 0)
+                sys_errno = errno;
+        }
+        if (sys_errno) {
+            /* nothing to read from */
+        } else if (st_pread_all(fd, prefix, sizeof(prefix), 0) != 0) {
             sys_errno = errno;
         } else if ((rc = st_read_prefix(prefix, sizeof(prefix), size, &n, &err)) == ST_OK) {
             /* n was checked against the file size: the allocation is backed by bytes */
@@ -363,25 +373,39 @@ static int Reader_open_path(Reader *r, PyObject *path, int use_mmap)
     Py_END_ALLOW_THREADS
 
     r->file_size = size;
-    if (sys_errno) {
-        if (fd >= 0)
+    if (sys_errno || rc != ST_OK) {
+        if (owned && fd >= 0)
             close(fd);
         if (sys_errno == ENOMEM)
             PyErr_NoMemory();
-        else
+        else if (sys_errno == ENODATA)
+            PyErr_SetString(SafetensorError,
+                            "invalid safetensors file: the file shrank while being read");
+        else if (sys_errno)
             raise_errno(sys_errno, r->path);
+        else
+            raise_st(&err, "invalid safetensors file");
         return -1;
     }
-    if (rc != ST_OK) {
-        if (fd >= 0)
-            close(fd);
-        raise_st(&err, "invalid safetensors file");
-        return -1;
-    }
-    r->fd = fd;
+    r->fd = owned ? fd : -1;
     r->data = r->blob ? r->blob->base + r->table.data_start : NULL;
     r->ready = 1;
     return 0;
+}
+
+static int Reader_open_path(Reader *r, PyObject *path, int use_mmap)
+{
+    const char *cpath = PyBytes_AS_STRING(path);
+    uint64_t size;
+    int fd;
+    Py_BEGIN_ALLOW_THREADS
+    fd = st_open_read(cpath, &size);
+    Py_END_ALLOW_THREADS
+    if (fd < 0) {
+        raise_errno(errno, r->path);
+        return -1;
+    }
+    return Reader_open_fd(r, fd, 1, use_mmap);
 }
 
 static int Reader_open_buffer(Reader *r, PyObject *data)
@@ -405,14 +429,15 @@ static int Reader_open_buffer(Reader *r, PyObject *data)
 
 static PyObject *Reader_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
-    static char *kwlist[] = {"path", "data", "mmap", NULL};
+    static char *kwlist[] = {"path", "data", "fd", "mmap", NULL};
     PyObject *path = Py_None, *data = Py_None, *encoded = NULL;
-    int use_mmap = 1;
+    int use_mmap = 1, fd = -1;
     Reader *r;
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|OO$p:Reader", kwlist, &path, &data, &use_mmap))
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|OO$ip:Reader", kwlist, &path, &data, &fd,
+                                     &use_mmap))
         return NULL;
-    if ((path == Py_None) == (data == Py_None)) {
-        PyErr_SetString(PyExc_TypeError, "Reader() takes a path or data, not both");
+    if ((path != Py_None) + (data != Py_None) + (fd >= 0) != 1) {
+        PyErr_SetString(PyExc_TypeError, "Reader() takes one of path, data or fd");
         return NULL;
     }
     r = (Reader *)Reader_alloc(type);
@@ -427,6 +452,9 @@ static PyObject *Reader_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         if (Reader_open_path(r, encoded, use_mmap) < 0)
             goto error;
         Py_DECREF(encoded);
+    } else if (fd >= 0) {
+        if (Reader_open_fd(r, fd, 0, use_mmap) < 0)
+            goto error;
     } else if (Reader_open_buffer(r, data) < 0) {
         goto error;
     }
@@ -924,7 +952,7 @@ static PyTypeObject Reader_Type = {
     .tp_dealloc = (destructor)Reader_dealloc,
     .tp_as_sequence = &Reader_as_sequence,
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Reader(path=None, data=None, *, mmap=True): a validated safetensors file.",
+    .tp_doc = "Reader(path=None, data=None, *, fd=-1, mmap=True): a validated safetensors file.",
     .tp_methods = Reader_methods,
     .tp_getset = Reader_getset,
     .tp_new = Reader_new,

@@ -83,33 +83,39 @@ void st_advise(const st_blob *b, size_t off, size_t len, int sequential)
 
 /* ---- reading ---- */
 
-int st_open_read(const char *path, uint64_t *size)
+int st_fd_size(int fd, uint64_t *size)
 {
     struct stat st;
+    if (fstat(fd, &st) != 0)
+        return -1;
+    if (S_ISDIR(st.st_mode)) {
+        errno = EISDIR;
+        return -1;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        /* pipes and devices have no stable size to validate against */
+        errno = EINVAL;
+        return -1;
+    }
+    *size = (uint64_t)st.st_size;
+    return 0;
+}
+
+int st_open_read(const char *path, uint64_t *size)
+{
     int fd, saved;
     do {
         fd = open(path, O_RDONLY | O_CLOEXEC);
     } while (fd < 0 && errno == EINTR);
     if (fd < 0)
         return -1;
-    if (fstat(fd, &st) != 0)
-        goto error;
-    if (S_ISDIR(st.st_mode)) {
-        errno = EISDIR;
-        goto error;
+    if (st_fd_size(fd, size) != 0) {
+        saved = errno;
+        close(fd);
+        errno = saved;
+        return -1;
     }
-    if (!S_ISREG(st.st_mode)) {
-        /* pipes and devices have no stable size to validate against */
-        errno = EINVAL;
-        goto error;
-    }
-    *size = (uint64_t)st.st_size;
     return fd;
-error:
-    saved = errno;
-    close(fd);
-    errno = saved;
-    return -1;
 }
 
 int st_pread_all(int fd, void *buf, size_t len, uint64_t offset)

@@ -35,6 +35,9 @@ void st_blob_decref(st_blob *b);
 
 /* ---- reading ---- */
 
+/* Checks fd is a regular file and fills its size. Returns 0, or -1 with errno set. */
+int st_fd_size(int fd, uint64_t *size);
+
 /* Opens path read-only (O_CLOEXEC) and checks it is a regular file; fills size.
  * Returns the fd, or -1 with errno set. */
 int st_open_read(const char *path, uint64_t *size);

@@ -1,17 +1,26 @@
 """torch_safetensors: a safe, zero-copy safetensors format for PyTorch.
 
-``import torch_safetensors`` gives a ``safetensors.torch``-compatible API backed by
-a C core that parses headers strictly and maps tensors straight from the file.
+``import torch_safetensors`` gives ``torch.save(obj, f, format="safetensors")`` and a
+``torch.load`` that recognises safetensors by content and loads legacy pickle
+checkpoints only through the weights_only unpickler. It also offers a
+``safetensors.torch``-compatible API backed by a C core that parses headers strictly
+and maps tensors straight from the file.
 """
 from ._api import load, load_file, safe_open, save, save_file
 from ._core import SafetensorError
+from ._torch import install, installed, uninstall
 
 __all__ = [
     "SafetensorError",
+    "install",
+    "installed",
     "load",
     "load_file",
     "safe_open",
     "save",
     "save_file",
+    "uninstall",
 ]
 __version__ = "0.1.0"
+
+install()

@@ -1,0 +1,404 @@
+"""torch.save / torch.load speak safetensors.
+
+On import, ``torch.save``, ``torch.load``, ``torch.serialization.save`` and
+``torch.serialization.load`` are replaced by wrappers that keep torch's signatures and
+add keyword-only ``format`` (and ``metadata`` on save). ``torch.load`` recognises
+safetensors by its bytes; everything else goes to torch's own loader with
+``weights_only=True`` unless the caller explicitly passes ``weights_only=False``.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import io
+import os
+import pickle
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+import torch.serialization as _ser
+
+from . import _C, _checkpoint, _core
+from ._core import SafetensorError
+
+FORMATS = ("safetensors", "pickle")
+_SNIFF_BYTES = 4096
+
+# torch's functions as they were before install(); set once, never overwritten
+_orig_save: Optional[Callable[..., Any]] = None
+_orig_load: Optional[Callable[..., Any]] = None
+_MARK = "__torch_safetensors_original__"
+
+
+def _check_format(fmt: Optional[str]) -> None:
+    if fmt is not None and fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(map(repr, FORMATS))} or None, not {fmt!r}")
+
+
+# ---- saving ----
+
+
+def _is_path(f: Any) -> bool:
+    return isinstance(f, (str, os.PathLike))
+
+
+def _has_safetensors_suffix(f: Any) -> bool:
+    if not _is_path(f):
+        return False
+    path = os.fspath(f)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    return path.lower().endswith(".safetensors")
+
+
+def save_safetensors(
+    obj: Any, f: Any, metadata: Optional[Dict[str, str]] = None, *, durable: bool = False
+) -> None:
+    """Writes obj as a safetensors file to a path (atomically) or a writable binary file.
+
+    Args:
+        obj: a mapping of str to Tensor.
+        f: a ``str``, an ``os.PathLike`` or a writable binary file object.
+        metadata: extra ``str`` -> ``str`` metadata; ``{"format": "pt"}`` is always added.
+        durable: flush the data and the directory entry to stable storage.
+
+    Raises:
+        TypeError: obj holds something that is not a tensor (named by its key), or f
+            is not a path or writable file; nothing is written.
+        OSError: the file cannot be written; a previous file is left untouched.
+    """
+    tensors, header_meta = _checkpoint.flatten(obj)
+    meta: Dict[str, str] = {"format": "pt"}
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise TypeError(f"metadata must be a dict of str to str, not {type(metadata).__name__}")
+        meta.update(metadata)
+    meta.update(header_meta)
+    if _is_path(f):
+        _C.save(tensors, meta, os.fspath(f), durable=durable)
+        return
+    write = getattr(f, "write", None)
+    if write is None:
+        raise TypeError(f"f must be a path or a writable binary file object, not {type(f).__name__}")
+    # serialize first: a refused object writes nothing to the caller's file
+    data = _C.save(tensors, meta)
+    write(data)
+    if durable and hasattr(f, "flush") and hasattr(f, "fileno"):
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ---- loading ----
+
+
+def _location_target(map_location: Any) -> Tuple[Optional[str], Optional[Callable[..., Any]]]:
+    """Reduces torch's four map_location forms to a device string or a callable.
+
+    Safetensors data carries no device: every tensor's location tag is "cpu".
+    """
+    if map_location is None:
+        return "cpu", None
+    if isinstance(map_location, bytes):
+        map_location = map_location.decode()
+    if isinstance(map_location, (str, torch.device)):
+        return str(map_location), None
+    if isinstance(map_location, dict):
+        target = map_location.get("cpu", "cpu")
+        if isinstance(target, bytes):
+            target = target.decode()
+        return str(target), None
+    if callable(map_location):
+        return None, map_location
+    raise TypeError(
+        "map_location must be a str, bytes, torch.device, dict or callable, "
+        f"not {type(map_location).__name__}"
+    )
+
+
+def _apply_callable(fn: Callable[..., Any], tensors: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Calls fn(storage, "cpu") per tensor, as torch does for its own files."""
+    out = {}
+    for name, t in tensors.items():
+        storage = t.untyped_storage()
+        result = fn(storage, "cpu")
+        if result is None or result is storage:
+            out[name] = t
+            continue
+        if isinstance(result, torch.storage.TypedStorage):
+            result = result._untyped_storage
+        moved = torch.empty((0,), dtype=t.dtype, device=result.device)
+        moved.set_(result, 0, t.shape, t.stride())
+        out[name] = moved
+    return out
+
+
+def _read_tensors(reader: "_C.Reader", map_location: Any) -> Dict[str, torch.Tensor]:
+    device, fn = _location_target(map_location)
+    if fn is not None:
+        tensors = _core.build(reader, None, "cpu")
+        return _apply_callable(fn, tensors)
+    dev = torch.device(device)
+    if dev.type == "meta":
+        return _core.build(reader, None, "meta")
+    tensors = _core.build(reader, None, "cpu")
+    if dev.type != "cpu":
+        for name in tensors:
+            tensors[name] = tensors[name].to(dev)
+    return tensors
+
+
+def _finish(reader: "_C.Reader", map_location: Any) -> Any:
+    try:
+        tensors = _read_tensors(reader, map_location)
+        return _checkpoint.unflatten(tensors, reader.metadata())
+    finally:
+        reader.close()
+
+
+def _open_path(f: Any) -> Tuple[int, bool]:
+    """Opens a path once and says whether its bytes are safetensors."""
+    fd = os.open(os.fspath(f), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        import stat as _stat
+
+        if not _stat.S_ISREG(st.st_mode):
+            return fd, False
+        head = os.pread(fd, _SNIFF_BYTES, 0)
+        return fd, _C.sniff(head, st.st_size)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _fileobj_source(f: Any) -> Optional[Tuple[int, int, Any]]:
+    """For a seekable binary file object holding safetensors at its position:
+    (position, size, fd or None). None when it is not safetensors."""
+    try:
+        if not f.seekable():
+            return None
+    except (AttributeError, ValueError, OSError):
+        return None
+    pos = f.tell()
+    head = f.read(_SNIFF_BYTES)
+    end = f.seek(0, io.SEEK_END)
+    f.seek(pos)
+    if not isinstance(head, (bytes, bytearray)) or not _C.sniff(bytes(head), end - pos):
+        return None
+    fd = None
+    try:
+        fd = f.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        fd = None
+    return pos, end - pos, fd
+
+
+def load_safetensors_fileobj(f: Any, map_location: Any, mmap: Optional[bool], src: Tuple[int, int, Any]) -> Any:
+    pos, size, fd = src
+    if fd is not None and pos == 0 and os.fstat(fd).st_size == size:
+        reader = _C.Reader(fd=fd, mmap=mmap is not False)
+    elif isinstance(f, io.BytesIO):
+        view = f.getbuffer()
+        try:
+            reader = _C.Reader(data=bytes(view[pos : pos + size]))
+        finally:
+            view.release()
+    else:
+        reader = _C.Reader(data=f.read(size))
+    f.seek(pos + size)
+    return _finish(reader, map_location)
+
+
+def _weights_only_hint(err: BaseException) -> str:
+    return (
+        f"{err}\n\n"
+        "torch_safetensors loaded this legacy (pickle) checkpoint with weights_only=True, "
+        "because pickle can run code from the file; it was not retried unsafely. To move on:\n"
+        "  (1) convert it once, in an environment you trust, to safetensors: "
+        "torch.save(torch.load(path, weights_only=False), new_path, format=\"safetensors\");\n"
+        "  (2) or, if you trust the file, allowlist the classes it needs with "
+        "torch.serialization.add_safe_globals([...]) (see the message above for their names);\n"
+        "  (3) or pass weights_only=False explicitly, only for a file from a trusted source."
+    )
+
+
+def _legacy_load(f: Any, args: tuple, kwargs: dict, explicit_unsafe: bool) -> Any:
+    assert _orig_load is not None
+    if explicit_unsafe:
+        return _orig_load(f, *args, **kwargs)
+    try:
+        return _orig_load(f, *args, **kwargs)
+    except pickle.UnpicklingError as e:
+        raise pickle.UnpicklingError(_weights_only_hint(e)) from None
+
+
+# ---- the wrappers ----
+
+
+def _bind_load(f: Any, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    return _LOAD_SIG.bind(f, *args, **kwargs)
+
+
+def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any:
+    _check_format(format)
+    bound = _bind_load(f, args, kwargs)
+    a = bound.arguments
+    map_location = a.get("map_location")
+    mmap = a.get("mmap")
+    pickle_module = a.get("pickle_module")
+    weights_only = a.get("weights_only")
+
+    if format != "pickle":
+        if _is_path(f):
+            fd, is_st = _open_path(f)
+            try:
+                if is_st:
+                    reader = _C.Reader(fd=fd, mmap=mmap is not False)
+                    return _finish(reader, map_location)
+                if format == "safetensors":
+                    raise SafetensorError(f"{os.fspath(f)!r} is not a safetensors file")
+                if _has_safetensors_suffix(f):
+                    # torch would hand any "*.safetensors" path to another reader by its
+                    # name: give torch the same open file under a neutral name instead
+                    return _legacy(f"/proc/self/fd/{fd}", args, kwargs, weights_only, pickle_module)
+            finally:
+                os.close(fd)
+        elif hasattr(f, "read"):
+            src = _fileobj_source(f)
+            if src is not None:
+                return load_safetensors_fileobj(f, map_location, mmap, src)
+            if format == "safetensors":
+                raise SafetensorError("the file object does not hold a safetensors file")
+    return _legacy(f, args, kwargs, weights_only, pickle_module)
+
+
+def _legacy(f: Any, args: tuple, kwargs: dict, weights_only: Any, pickle_module: Any) -> Any:
+    explicit_unsafe = weights_only is False
+    if not explicit_unsafe:
+        if pickle_module is not None:
+            raise RuntimeError(
+                "torch_safetensors loads legacy checkpoints with weights_only=True, and a "
+                "custom pickle_module cannot be made safe. Pass weights_only=False explicitly "
+                "to use it, only for a file from a trusted source."
+            )
+        bound = _LOAD_SIG.bind(f, *args, **kwargs)
+        bound.arguments["weights_only"] = True
+        args, kwargs = bound.args[1:], bound.kwargs
+    return _legacy_load(f, args, kwargs, explicit_unsafe)
+
+
+def save(
+    obj: Any,
+    f: Any,
+    *args: Any,
+    format: Optional[str] = None,
+    metadata: Optional[Dict[str, str]] = None,
+    **kwargs: Any,
+) -> None:
+    _check_format(format)
+    if format == "safetensors" or (format is None and _has_safetensors_suffix(f)):
+        _SAVE_SIG.bind(obj, f, *args, **kwargs)  # torch's own arguments still checked
+        save_safetensors(obj, f, metadata)
+        return
+    if metadata is not None:
+        raise ValueError("metadata is written only with format='safetensors'")
+    assert _orig_save is not None
+    _orig_save(obj, f, *args, **kwargs)
+
+
+# ---- signatures and docs ----
+
+_SAVE_DOC = """
+
+torch_safetensors adds:
+    format (str, optional, keyword-only): ``"safetensors"`` writes a standard
+        safetensors file (atomically, for paths); ``"pickle"`` forces torch's own
+        format; ``None`` (default) keeps torch's format, except for paths ending in
+        ``.safetensors``, which are written as safetensors.
+    metadata (dict[str, str], optional, keyword-only): extra header metadata for
+        safetensors files (``{"format": "pt"}`` is always written).
+"""
+
+_LOAD_DOC = """
+
+torch_safetensors adds:
+    Safetensors files are recognised by their bytes, whatever their name, and load
+    zero-copy from a private mapping (``mmap=False`` reads them into memory). Every
+    other file goes to torch's loader with ``weights_only=True`` unless
+    ``weights_only=False`` is passed explicitly; a failed safe load is never retried
+    unsafely.
+    format (str, optional, keyword-only): ``"safetensors"`` requires a safetensors
+        file; ``"pickle"`` skips the check and uses torch's loader; ``None`` decides
+        by content.
+"""
+
+
+def _extend_signature(fn: Callable[..., Any], extra: list) -> inspect.Signature:
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())
+    var_kw = [p for p in params if p.kind is p.VAR_KEYWORD]
+    rest = [p for p in params if p.kind is not p.VAR_KEYWORD]
+    return sig.replace(parameters=rest + extra + var_kw)
+
+
+def _kwonly(name: str, default: Any = None, annotation: Any = inspect.Parameter.empty) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def _make_wrappers() -> Tuple[Callable[..., Any], Callable[..., Any]]:
+    assert _orig_save is not None and _orig_load is not None
+
+    @functools.wraps(_orig_save)
+    def save_wrapper(obj: Any, f: Any, *args: Any, format: Optional[str] = None,
+                     metadata: Optional[Dict[str, str]] = None, **kwargs: Any) -> None:
+        return save(obj, f, *args, format=format, metadata=metadata, **kwargs)
+
+    @functools.wraps(_orig_load)
+    def load_wrapper(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any:
+        return load(f, *args, format=format, **kwargs)
+
+    save_wrapper.__signature__ = _extend_signature(  # type: ignore[attr-defined]
+        _orig_save, [_kwonly("format", None, Optional[str]), _kwonly("metadata", None, Optional[Dict[str, str]])]
+    )
+    load_wrapper.__signature__ = _extend_signature(  # type: ignore[attr-defined]
+        _orig_load, [_kwonly("format", None, Optional[str])]
+    )
+    save_wrapper.__doc__ = (_orig_save.__doc__ or "") + _SAVE_DOC
+    load_wrapper.__doc__ = (_orig_load.__doc__ or "") + _LOAD_DOC
+    setattr(save_wrapper, _MARK, _orig_save)
+    setattr(load_wrapper, _MARK, _orig_load)
+    return save_wrapper, load_wrapper
+
+
+_wrappers: Optional[Tuple[Callable[..., Any], Callable[..., Any]]] = None
+_SAVE_SIG: inspect.Signature
+_LOAD_SIG: inspect.Signature
+
+
+def install() -> None:
+    """Wraps torch.save/torch.load (and their torch.serialization names). Idempotent."""
+    global _orig_save, _orig_load, _wrappers, _SAVE_SIG, _LOAD_SIG
+    if _orig_save is None:
+        # if another copy already wrapped torch, wrap the originals it kept
+        _orig_save = getattr(_ser.save, _MARK, _ser.save)
+        _orig_load = getattr(_ser.load, _MARK, _ser.load)
+        _SAVE_SIG = inspect.signature(_orig_save)
+        _LOAD_SIG = inspect.signature(_orig_load)
+        _wrappers = _make_wrappers()
+    assert _wrappers is not None
+    save_w, load_w = _wrappers
+    torch.save = _ser.save = save_w
+    torch.load = _ser.load = load_w
+
+
+def uninstall() -> None:
+    """Restores torch's original torch.save/torch.load."""
+    if _orig_save is None or _orig_load is None:
+        return
+    torch.save = _ser.save = _orig_save
+    torch.load = _ser.load = _orig_load
+
+
+def installed() -> bool:
+    """Whether torch.save/torch.load are currently the torch_safetensors wrappers."""
+    return _wrappers is not None and torch.load is _wrappers[1] and torch.save is _wrappers[0]
