@@ -1021,30 +1021,98 @@ static int cmp_range(const void *a, const void *b)
     return x->index < y->index ? -1 : x->index > y->index;
 }
 
-/* Copies a non-contiguous or non-CPU tensor into a fresh contiguous CPU tensor. */
-static st_tensor materialize(const save_item *it, void **data)
+/* Bytes staged per copy when a tensor is not contiguous CPU memory. */
+#define ST_STAGE_BYTES ((size_t)64 << 20)
+
+typedef int (*chunk_sink)(void *ctx, const uint8_t *data, size_t len);
+
+/* Copies a non-contiguous or non-CPU tensor to the CPU in row blocks of at most
+ * ST_STAGE_BYTES (or one row, when a row is larger) and hands each block to sink.
+ * Extra memory stays bounded whatever the tensor's size. Returns 0, -1 when torch
+ * failed, or the sink's non-zero result. */
+static int stage_tensor(const save_item *it, chunk_sink sink, void *ctx)
 {
-    st_tensor tmp = NULL;
-    int64_t *strides = malloc((size_t)(it->ndim ? it->ndim : 1) * sizeof(int64_t));
-    int64_t stride = 1;
-    *data = NULL;
-    if (!strides)
-        return NULL;
-    for (int64_t d = it->ndim; d-- > 0;) {
-        strides[d] = stride;
-        stride *= it->sizes[d] > 1 ? it->sizes[d] : 1;
+    st_tensor stage = NULL, src = NULL, dst = NULL;
+    int64_t *strides = NULL, *stage_strides = NULL, *sizes = NULL;
+    int64_t rows, per, offset, row_bytes = 1;
+    size_t esize = st_aten.dtype_element_size(it->dtype_code);
+    int64_t nd = it->ndim ? it->ndim : 1;
+    int rc = -1;
+    void *base;
+
+    sizes = malloc((size_t)nd * sizeof(int64_t));
+    stage_strides = malloc((size_t)nd * sizeof(int64_t));
+    if (!sizes || !stage_strides)
+        goto done;
+    if (it->ndim == 0) {
+        sizes[0] = 1;
+        rows = 1;
+    } else {
+        memcpy(sizes, it->sizes, (size_t)nd * sizeof(int64_t));
+        rows = sizes[0];
     }
-    if (st_aten.empty_strided(it->ndim, it->sizes, strides, it->dtype_code, st_aten.device_cpu,
-                              -1, &tmp) != 0)
-        tmp = NULL;
-    free(strides);
-    if (!tmp)
-        return NULL;
-    if (st_aten.copy_(tmp, it->handle, 0) != 0 || st_aten.get_data_ptr(tmp, data) != 0) {
-        st_aten.delete_tensor(tmp);
-        return NULL;
+    for (int64_t d = 1; d < nd; d++)
+        row_bytes *= sizes[d];
+    row_bytes *= (int64_t)esize;
+    per = 1;
+    if (row_bytes > 0 && (size_t)row_bytes < ST_STAGE_BYTES)
+        per = (int64_t)(ST_STAGE_BYTES / (size_t)row_bytes);
+    if (per > rows)
+        per = rows;
+    if (st_aten.get_strides(it->handle, &strides) != 0 ||
+        st_aten.get_storage_offset(it->handle, &offset) != 0)
+        goto done;
+    {
+        int64_t stride = 1;
+        for (int64_t d = nd; d-- > 0;) {
+            stage_strides[d] = stride;
+            stride *= sizes[d] > 1 ? sizes[d] : 1;
+        }
     }
-    return tmp;
+    sizes[0] = per;
+    if (st_aten.empty_strided(nd, sizes, stage_strides, it->dtype_code, st_aten.device_cpu, -1,
+                              &stage) != 0) {
+        stage = NULL;
+        goto done;
+    }
+    if (st_aten.get_data_ptr(stage, &base) != 0)
+        goto done;
+    for (int64_t r = 0; r < rows; r += per) {
+        int64_t n = rows - r < per ? rows - r : per;
+        int64_t src_offset = offset + (it->ndim ? r * strides[0] : 0);
+        int sink_rc;
+        sizes[0] = n;
+        if (st_aten.reinterpret(it->handle, nd, sizes, it->ndim ? strides : stage_strides,
+                                src_offset, &src) != 0) {
+            src = NULL;
+            goto done;
+        }
+        if (st_aten.reinterpret(stage, nd, sizes, stage_strides, 0, &dst) != 0) {
+            dst = NULL;
+            goto done;
+        }
+        if (st_aten.copy_(dst, src, 0) != 0)
+            goto done;
+        st_aten.delete_tensor(src);
+        st_aten.delete_tensor(dst);
+        src = dst = NULL;
+        sink_rc = sink(ctx, base, (size_t)(n * row_bytes));
+        if (sink_rc) {
+            rc = sink_rc;
+            goto done;
+        }
+    }
+    rc = 0;
+done:
+    if (src)
+        st_aten.delete_tensor(src);
+    if (dst)
+        st_aten.delete_tensor(dst);
+    if (stage)
+        st_aten.delete_tensor(stage);
+    free(sizes);
+    free(stage_strides);
+    return rc;
 }
 
 typedef struct {
@@ -1053,6 +1121,7 @@ typedef struct {
     size_t n;
     st_writer *w;      /* file output, or NULL */
     uint8_t *out;      /* memory output, or NULL */
+    size_t pos;        /* bytes of out filled */
     int sys_errno;
     int aten_failed;
     size_t failed_item;
@@ -1068,13 +1137,32 @@ static int flush_iov(write_job *job, struct iovec *iov, int *cnt)
     return 0;
 }
 
+/* Where staged blocks go: the output buffer, or straight to the file. */
+static int sink_block(void *ctx, const uint8_t *data, size_t len)
+{
+    write_job *job = ctx;
+    struct iovec one;
+    if (job->out) {
+        memcpy(job->out + job->pos, data, len);
+        job->pos += len;
+        return 0;
+    }
+    one.iov_base = (void *)data;
+    one.iov_len = len;
+    if (st_writer_writev(job->w, &one, 1) != 0) {
+        job->sys_errno = errno;
+        return 1;
+    }
+    return 0;
+}
+
 /* Writes header and data in file order; runs without the GIL. */
 static int write_all(write_job *job)
 {
     struct iovec iov[IOV_MAX < 1024 ? IOV_MAX : 1024];
     int cnt = 0;
-    size_t pos = job->plan->header_len;
     const size_t chunk = (size_t)1 << 30; /* a single write moves at most ~2 GiB */
+    job->pos = job->plan->header_len;
     if (job->out) {
         memcpy(job->out, job->plan->header, job->plan->header_len);
     } else {
@@ -1084,40 +1172,35 @@ static int write_all(write_job *job)
     }
     for (size_t k = 0; k < job->n; k++) {
         save_item *it = &job->items[job->plan->order[k]];
-        st_tensor tmp = NULL;
         uint8_t *src = it->data;
         if (it->nbytes == 0)
             continue;
         if (!src) {
-            void *p;
-            tmp = materialize(it, &p);
-            if (!tmp) {
+            int rc;
+            if (!job->out && flush_iov(job, iov, &cnt) < 0)
+                return -1;
+            rc = stage_tensor(it, sink_block, job);
+            if (rc < 0) {
                 job->aten_failed = 1;
                 job->failed_item = it->index;
-                return -1;
             }
-            src = p;
+            if (rc)
+                return -1;
+            continue;
         }
         if (job->out) {
-            memcpy(job->out + pos, src, (size_t)it->nbytes);
-            pos += (size_t)it->nbytes;
-        } else {
-            for (uint64_t off = 0; off < it->nbytes; off += chunk) {
-                size_t len = it->nbytes - off < chunk ? (size_t)(it->nbytes - off) : chunk;
-                if (cnt == (int)(sizeof(iov) / sizeof(iov[0])) && flush_iov(job, iov, &cnt) < 0)
-                    break;
-                iov[cnt].iov_base = src + off;
-                iov[cnt].iov_len = len;
-                cnt++;
-            }
-            /* a temporary copy must be written before it is freed */
-            if (tmp && !job->sys_errno)
-                flush_iov(job, iov, &cnt);
+            memcpy(job->out + job->pos, src, (size_t)it->nbytes);
+            job->pos += (size_t)it->nbytes;
+            continue;
         }
-        if (tmp)
-            st_aten.delete_tensor(tmp);
-        if (job->sys_errno)
-            return -1;
+        for (uint64_t off = 0; off < it->nbytes; off += chunk) {
+            size_t len = it->nbytes - off < chunk ? (size_t)(it->nbytes - off) : chunk;
+            if (cnt == (int)(sizeof(iov) / sizeof(iov[0])) && flush_iov(job, iov, &cnt) < 0)
+                return -1;
+            iov[cnt].iov_base = src + off;
+            iov[cnt].iov_len = len;
+            cnt++;
+        }
     }
     if (!job->out && flush_iov(job, iov, &cnt) < 0)
         return -1;

@@ -4,11 +4,18 @@ when tests force it)."""
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Dict, Optional
 
 import torch
 
-from . import _C
+if sys.byteorder != "little":
+    raise ImportError(
+        "torch_safetensors supports little-endian hosts only: safetensors stores "
+        "little-endian data and this build does not swap bytes"
+    )
+
+from . import _C  # noqa: E402
 
 SafetensorError = _C.SafetensorError
 

@@ -57,7 +57,8 @@ def save_safetensors(
     """Writes obj as a safetensors file to a path (atomically) or a writable binary file.
 
     Args:
-        obj: a mapping of str to Tensor.
+        obj: a dict of tensors, or any nesting of dict/OrderedDict (str or int keys),
+            list and tuple with tensors and None, bool, int, float, str leaves.
         f: a ``str``, an ``os.PathLike`` or a writable binary file object.
         metadata: extra ``str`` -> ``str`` metadata; ``{"format": "pt"}`` is always added.
         durable: flush the data and the directory entry to stable storage.
@@ -73,15 +74,18 @@ def save_safetensors(
         if not isinstance(metadata, dict):
             raise TypeError(f"metadata must be a dict of str to str, not {type(metadata).__name__}")
         meta.update(metadata)
+        if _checkpoint.STRUCTURE_KEY in metadata:
+            raise ValueError(f"metadata key {_checkpoint.STRUCTURE_KEY!r} is reserved")
     meta.update(header_meta)
+    # ties were stored once by flatten; other overlapping views are saved as values
     if _is_path(f):
-        _C.save(tensors, meta, os.fspath(f), durable=durable)
+        _C.save(tensors, meta, os.fspath(f), durable=durable, check_shared=False)
         return
     write = getattr(f, "write", None)
     if write is None:
         raise TypeError(f"f must be a path or a writable binary file object, not {type(f).__name__}")
     # serialize first: a refused object writes nothing to the caller's file
-    data = _C.save(tensors, meta)
+    data = _C.save(tensors, meta, check_shared=False)
     write(data)
     if durable and hasattr(f, "flush") and hasattr(f, "fileno"):
         f.flush()
