@@ -694,7 +694,7 @@ static PyObject *Reader_build(Reader *r, const st_entry **es, Py_ssize_t n, int 
             goto error;
         if (device == DEV_META) {
             rc = st_aten.empty_strided((int64_t)e->ndim, sizes, strides, dtype,
-                                       st_aten.device_meta, 0, &h[i]);
+                                       st_aten.device_meta, -1, &h[i]);
         } else {
             /* in range: validate() checked data_start + end == file size */
             uint8_t *src = r->data ? (uint8_t *)r->data + e->begin : NULL;

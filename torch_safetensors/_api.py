@@ -57,6 +57,8 @@ def save_file(
     tensors: Dict[str, torch.Tensor],
     filename: FILE_PATH,
     metadata: Optional[Dict[str, str]] = None,
+    *,
+    durable: bool = False,
 ) -> None:
     """Saves a dict of tensors to a safetensors file, atomically.
 
@@ -68,6 +70,10 @@ def save_file(
         tensors: names to dense tensors. Tensors that share memory are refused.
         filename: where to write (``str`` or ``os.PathLike``).
         metadata: optional text metadata (``str`` -> ``str``) for the header.
+        durable: flush the file's data and its directory entry to stable storage
+            before returning (``fdatasync`` + directory ``fsync``), so the new file
+            survives a power loss. Off by default, as with ``torch.save``: it costs
+            the time to write the whole file to the device.
 
     Returns:
         None
@@ -83,7 +89,7 @@ def save_file(
         >>> from torch_safetensors import save_file
         >>> save_file({"weight": torch.zeros(2, 3)}, "model.safetensors")
     """
-    _C.save(_as_dict(tensors), metadata, os.fspath(filename))
+    _C.save(_as_dict(tensors), metadata, os.fspath(filename), durable=durable)
 
 
 def save(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> bytes:

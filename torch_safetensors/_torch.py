@@ -297,15 +297,16 @@ def save(
     *args: Any,
     format: Optional[str] = None,
     metadata: Optional[Dict[str, str]] = None,
+    durable: bool = False,
     **kwargs: Any,
 ) -> None:
     _check_format(format)
     if format == "safetensors" or (format is None and _has_safetensors_suffix(f)):
         _SAVE_SIG.bind(obj, f, *args, **kwargs)  # torch's own arguments still checked
-        save_safetensors(obj, f, metadata)
+        save_safetensors(obj, f, metadata, durable=durable)
         return
-    if metadata is not None:
-        raise ValueError("metadata is written only with format='safetensors'")
+    if metadata is not None or durable:
+        raise ValueError("metadata and durable apply only with format='safetensors'")
     assert _orig_save is not None
     _orig_save(obj, f, *args, **kwargs)
 
@@ -321,6 +322,8 @@ torch_safetensors adds:
         ``.safetensors``, which are written as safetensors.
     metadata (dict[str, str], optional, keyword-only): extra header metadata for
         safetensors files (``{"format": "pt"}`` is always written).
+    durable (bool, keyword-only): with safetensors, flush the data and the directory
+        entry to stable storage before returning (off by default, as torch.save).
 """
 
 _LOAD_DOC = """
@@ -354,15 +357,21 @@ def _make_wrappers() -> Tuple[Callable[..., Any], Callable[..., Any]]:
 
     @functools.wraps(_orig_save)
     def save_wrapper(obj: Any, f: Any, *args: Any, format: Optional[str] = None,
-                     metadata: Optional[Dict[str, str]] = None, **kwargs: Any) -> None:
-        return save(obj, f, *args, format=format, metadata=metadata, **kwargs)
+                     metadata: Optional[Dict[str, str]] = None, durable: bool = False,
+                     **kwargs: Any) -> None:
+        return save(obj, f, *args, format=format, metadata=metadata, durable=durable, **kwargs)
 
     @functools.wraps(_orig_load)
     def load_wrapper(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any:
         return load(f, *args, format=format, **kwargs)
 
     save_wrapper.__signature__ = _extend_signature(  # type: ignore[attr-defined]
-        _orig_save, [_kwonly("format", None, Optional[str]), _kwonly("metadata", None, Optional[Dict[str, str]])]
+        _orig_save,
+        [
+            _kwonly("format", None, Optional[str]),
+            _kwonly("metadata", None, Optional[Dict[str, str]]),
+            _kwonly("durable", False, bool),
+        ],
     )
     load_wrapper.__signature__ = _extend_signature(  # type: ignore[attr-defined]
         _orig_load, [_kwonly("format", None, Optional[str])]
