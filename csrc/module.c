@@ -4,6 +4,7 @@
 #include <Python.h>
 
 #include <errno.h>
+#include <stdarg.h>
 #include <fcntl.h>
 #include <limits.h>
 #include <stdlib.h>
@@ -51,11 +52,56 @@ static const char *code_name(st_code code)
     }
 }
 
+/* Raises SafetensorError with its attributes: code (a short rule name), tensor
+ * (the name, or None) and position (a byte offset, or None). Steals msg. */
+static PyObject *raise_safetensor(PyObject *msg, const char *code, PyObject *tensor,
+                                  int64_t pos)
+{
+    PyObject *exc = NULL, *tmp = NULL;
+    if (!msg)
+        return NULL;
+    exc = PyObject_CallOneArg(SafetensorError, msg);
+    if (!exc)
+        goto done;
+    tmp = PyUnicode_FromString(code);
+    if (!tmp || PyObject_SetAttrString(exc, "code", tmp) < 0)
+        goto done;
+    Py_CLEAR(tmp);
+    if (PyObject_SetAttrString(exc, "tensor", tensor ? tensor : Py_None) < 0)
+        goto done;
+    tmp = pos >= 0 ? PyLong_FromLongLong(pos) : Py_NewRef(Py_None);
+    if (!tmp || PyObject_SetAttrString(exc, "position", tmp) < 0)
+        goto done;
+    PyErr_SetObject(SafetensorError, exc);
+done:
+    Py_XDECREF(tmp);
+    Py_XDECREF(exc);
+    Py_DECREF(msg);
+    return NULL;
+}
+
+/* Raises SafetensorError about one tensor, with a printf-style message. */
+static PyObject *raise_tensor_error(const char *code, PyObject *name, const char *fmt, ...)
+{
+    va_list ap;
+    PyObject *detail, *msg;
+    if (!name)
+        return NULL;
+    va_start(ap, fmt);
+    detail = PyUnicode_FromFormatV(fmt, ap);
+    va_end(ap);
+    if (!detail)
+        return NULL;
+    msg = PyUnicode_FromFormat("tensor %R: %U", name, detail);
+    Py_DECREF(detail);
+    return raise_safetensor(msg, code, name, -1);
+}
+
 /* Raises SafetensorError (or MemoryError) from an engine error. The message
  * names the tensor and the byte position when they are known. */
 static PyObject *raise_st(const st_error *err, const char *context)
 {
-    PyObject *msg = NULL, *name = NULL, *exc = NULL, *tmp;
+    PyObject *msg, *name = NULL;
     if (err->code == ST_ERR_NOMEM)
         return PyErr_NoMemory();
     if (err->tensor_len || err->tensor[0]) {
@@ -73,29 +119,7 @@ static PyObject *raise_st(const st_error *err, const char *context)
                                    (long long)err->pos);
     else
         msg = PyUnicode_FromFormat("%s: %s", context, err->message);
-    if (!msg)
-        goto done;
-    exc = PyObject_CallOneArg(SafetensorError, msg);
-    if (!exc)
-        goto done;
-    tmp = PyUnicode_FromString(code_name(err->code));
-    if (!tmp || PyObject_SetAttrString(exc, "code", tmp) < 0) {
-        Py_XDECREF(tmp);
-        goto done;
-    }
-    Py_DECREF(tmp);
-    if (PyObject_SetAttrString(exc, "tensor", name ? name : Py_None) < 0)
-        goto done;
-    tmp = err->pos >= 0 ? PyLong_FromLongLong(err->pos) : Py_NewRef(Py_None);
-    if (!tmp || PyObject_SetAttrString(exc, "position", tmp) < 0) {
-        Py_XDECREF(tmp);
-        goto done;
-    }
-    Py_DECREF(tmp);
-    PyErr_SetObject(SafetensorError, exc);
-done:
-    Py_XDECREF(exc);
-    Py_XDECREF(msg);
+    raise_safetensor(msg, code_name(err->code), name, err->pos);
     Py_XDECREF(name);
     return NULL;
 }
@@ -261,6 +285,8 @@ typedef struct {
     uint64_t file_size;
     PyObject *path;
     int ready;
+    int busy;               /* reads running without the GIL */
+    int closing;            /* close() came while busy: the last read releases */
 } Reader;
 
 static PyTypeObject Reader_Type;
@@ -279,6 +305,12 @@ static int Reader_check_open(Reader *r)
 static void Reader_release(Reader *r)
 {
     r->ready = 0;
+    if (r->busy) {
+        /* another thread reads from the table, fd or mapping without the GIL */
+        r->closing = 1;
+        return;
+    }
+    r->closing = 0;
     st_table_free(&r->table);
     if (r->blob) {
         st_blob_decref(r->blob);
@@ -312,6 +344,8 @@ static PyObject *Reader_alloc(PyTypeObject *type)
     r->data = NULL;
     r->path = NULL;
     r->ready = 0;
+    r->busy = 0;
+    r->closing = 0;
     return (PyObject *)r;
 }
 
@@ -379,8 +413,9 @@ static int Reader_open_fd(Reader *r, int fd, int owned, int use_mmap)
         if (sys_errno == ENOMEM)
             PyErr_NoMemory();
         else if (sys_errno == ENODATA)
-            PyErr_SetString(SafetensorError,
-                            "invalid safetensors file: the file shrank while being read");
+            raise_safetensor(PyUnicode_FromString(
+                                 "invalid safetensors file: the file shrank while being read"),
+                             "truncated", NULL, -1);
         else if (sys_errno)
             raise_errno(sys_errno, r->path);
         else
@@ -555,15 +590,7 @@ static const st_entry *Reader_lookup(Reader *r, PyObject *name)
         return NULL;
     i = st_find(&r->table, s, (size_t)len);
     if (i < 0) {
-        PyObject *exc = PyObject_CallFunction(SafetensorError, "N",
-                                              PyUnicode_FromFormat("no tensor named %R", name));
-        PyObject *code = PyUnicode_FromString("missing");
-        if (exc && code && PyObject_SetAttrString(exc, "code", code) == 0 &&
-            PyObject_SetAttrString(exc, "tensor", name) == 0 &&
-            PyObject_SetAttrString(exc, "position", Py_None) == 0)
-            PyErr_SetObject(SafetensorError, exc);
-        Py_XDECREF(code);
-        Py_XDECREF(exc);
+        raise_safetensor(PyUnicode_FromFormat("no tensor named %R", name), "missing", name, -1);
         return NULL;
     }
     return &r->table.entries[i];
@@ -609,18 +636,17 @@ static int torch_shape(const Reader *r, const st_entry *e, int64_t *sizes, int64
     for (size_t d = 0; d < e->ndim; d++) {
         uint64_t v = r->table.dims[e->dims_off + d];
         if (v > INT64_MAX) {
-            PyErr_Format(SafetensorError, "tensor %R: dimension %llu is too large for torch",
-                         name, (unsigned long long)v);
+            raise_tensor_error("shape", name, "dimension %llu is too large for torch",
+                               (unsigned long long)v);
             return -1;
         }
         sizes[d] = (int64_t)v;
     }
     if (e->dtype == ST_F4) {
         if (e->ndim == 0 || sizes[e->ndim - 1] % 2) {
-            PyErr_Format(SafetensorError,
-                         "tensor %R: F4 needs an even last dimension to become torch's "
-                         "float4_e2m1fn_x2 (two values per byte)",
-                         name);
+            raise_tensor_error("shape", name,
+                               "F4 needs an even last dimension to become torch's "
+                               "float4_e2m1fn_x2 (two values per byte)");
             return -1;
         }
         sizes[e->ndim - 1] /= 2;
@@ -633,8 +659,7 @@ static int torch_shape(const Reader *r, const st_entry *e, int64_t *sizes, int64
             /* the strides of an empty tensor can overflow even though it has no bytes */
             if ((uint64_t)sizes[d] != 0 && (next / (uint64_t)sizes[d] != stride ||
                                              next > INT64_MAX)) {
-                PyErr_Format(SafetensorError, "tensor %R: the shape is too large for torch",
-                             name);
+                raise_tensor_error("shape", name, "the shape is too large for torch");
                 return -1;
             }
             stride = next;
@@ -659,7 +684,7 @@ static PyObject *Reader_build(Reader *r, const st_entry **es, Py_ssize_t n, int 
     void **fill_dst = NULL;
     PyObject *list = NULL, *name = NULL;
     int zero_copy = r->blob && st_aten.from_blob && zero_copy_enabled && device == DEV_CPU;
-    int sys_errno = 0;
+    int sys_errno = 0, release_after = 0;
     Py_ssize_t failed_at = -1;
 
     if (!st_aten.ready) {
@@ -685,9 +710,9 @@ static PyObject *Reader_build(Reader *r, const st_entry **es, Py_ssize_t n, int 
         if (!name)
             goto error;
         if (dtype < 0) {
-            PyErr_Format(SafetensorError,
-                         "tensor %R: dtype %s has no torch equivalent in this version of torch",
-                         name, st_dtype_name(e->dtype));
+            raise_tensor_error("dtype", name,
+                               "dtype %s has no torch equivalent in this version of torch",
+                               st_dtype_name(e->dtype));
             goto error;
         }
         if (torch_shape(r, e, sizes, strides, name) < 0)
@@ -722,7 +747,8 @@ static PyObject *Reader_build(Reader *r, const st_entry **es, Py_ssize_t n, int 
         }
         Py_CLEAR(name);
     }
-    /* fill owned tensors without the GIL */
+    /* fill owned tensors without the GIL; close() meanwhile only marks the reader */
+    r->busy++;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) {
         const st_entry *e = es[i];
@@ -738,13 +764,13 @@ static PyObject *Reader_build(Reader *r, const st_entry **es, Py_ssize_t n, int 
         }
     }
     Py_END_ALLOW_THREADS
+    release_after = --r->busy == 0 && r->closing;
     if (sys_errno) {
         if (sys_errno == ENODATA) {
             name = entry_name(r, es[failed_at]);
-            PyErr_Format(SafetensorError,
-                         "tensor %R: the file is shorter than its header says: it was truncated "
-                         "while being read",
-                         name);
+            raise_tensor_error("truncated", name,
+                               "the file is shorter than its header says: it was truncated "
+                               "while being read");
         } else {
             raise_errno(sys_errno, r->path);
         }
@@ -766,6 +792,8 @@ done:
     PyMem_Free(fill_dst);
     PyMem_Free(sizes);
     PyMem_Free(strides);
+    if (release_after)
+        Reader_release(r); /* a close() that came while this read ran */
     return list;
 }
 
@@ -1220,6 +1248,30 @@ static PyObject *dtype_repr(PyObject *tensor)
     return s;
 }
 
+static PyObject *str_is_conj, *str_is_neg, *str_resolve_conj, *str_resolve_neg;
+
+/* A tensor whose conjugate or negative bit is set, resolved into plain memory; the
+ * tensor itself (a new reference) otherwise. */
+static PyObject *resolve_lazy_bits(PyObject *t)
+{
+    PyObject *checks[2][2] = {{str_is_conj, str_resolve_conj}, {str_is_neg, str_resolve_neg}};
+    PyObject *cur = Py_NewRef(t);
+    for (int k = 0; k < 2; k++) {
+        PyObject *flag = PyObject_CallMethodNoArgs(cur, checks[k][0]);
+        int set = flag ? PyObject_IsTrue(flag) : -1;
+        Py_XDECREF(flag);
+        if (set > 0) {
+            PyObject *resolved = PyObject_CallMethodNoArgs(cur, checks[k][1]);
+            Py_SETREF(cur, resolved);
+        }
+        if (set < 0 || !cur) {
+            Py_XDECREF(cur);
+            return NULL;
+        }
+    }
+    return cur;
+}
+
 /* Reads a tensor's layout, dtype, device, shape and data into a save_item. */
 static int describe(save_item *it, PyObject *name, PyObject *tensor)
 {
@@ -1367,8 +1419,12 @@ static PyObject *mod_save(PyObject *self, PyObject *args, PyObject *kwds)
                              Py_TYPE(v)->tp_name);
                 goto done;
             }
+            /* conjugate and negative views hold their values lazily: save the values */
+            v = resolve_lazy_bits(v);
+            if (!v)
+                goto done;
             PyList_SET_ITEM(names, i, Py_NewRef(k));
-            PyList_SET_ITEM(values, i, Py_NewRef(v));
+            PyList_SET_ITEM(values, i, v);
             i++;
         }
     }
@@ -1643,6 +1699,22 @@ PyMODINIT_FUNC PyInit__C(void)
         "A safetensors file or buffer is malformed; the message says which rule failed.",
         PyExc_ValueError, NULL);
     if (!SafetensorError || PyModule_AddObjectRef(m, "SafetensorError", SafetensorError) < 0)
+        goto error;
+    /* defaults, so every SafetensorError has code, tensor and position */
+    {
+        PyObject *code = PyUnicode_FromString("error");
+        int bad = !code || PyObject_SetAttrString(SafetensorError, "code", code) < 0 ||
+                  PyObject_SetAttrString(SafetensorError, "tensor", Py_None) < 0 ||
+                  PyObject_SetAttrString(SafetensorError, "position", Py_None) < 0;
+        Py_XDECREF(code);
+        if (bad)
+            goto error;
+    }
+    str_is_conj = PyUnicode_InternFromString("is_conj");
+    str_is_neg = PyUnicode_InternFromString("is_neg");
+    str_resolve_conj = PyUnicode_InternFromString("resolve_conj");
+    str_resolve_neg = PyUnicode_InternFromString("resolve_neg");
+    if (!str_is_conj || !str_is_neg || !str_resolve_conj || !str_resolve_neg)
         goto error;
     if (PyModule_AddObjectRef(m, "Reader", (PyObject *)&Reader_Type) < 0 ||
         PyModule_AddObjectRef(m, "Mapping", (PyObject *)&Mapping_Type) < 0 ||

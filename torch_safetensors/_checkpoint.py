@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ._core import SafetensorError
+from ._core import SafetensorError, error
 
 STRUCTURE_KEY = "torch_safetensors.structure"
 STRUCTURE_VERSION = 1
@@ -249,7 +249,7 @@ def flatten(obj: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
 
 
 def _bad(msg: str) -> SafetensorError:
-    return SafetensorError(f"invalid {STRUCTURE_KEY} metadata: {msg}")
+    return error(f"invalid {STRUCTURE_KEY} metadata: {msg}", "structure")
 
 
 class _Builder:

@@ -63,6 +63,15 @@ def _init() -> Dict[str, Any]:
 FEATURES = _init()
 
 
+def error(message: str, code: str = "error", tensor: Optional[str] = None) -> SafetensorError:
+    """A SafetensorError with the attributes the C core sets: code, tensor, position."""
+    exc = SafetensorError(message)
+    exc.code = code
+    exc.tensor = tensor
+    exc.position = None
+    return exc
+
+
 def set_zero_copy(enabled: bool) -> None:
     """Chooses the C zero-copy path (True) or forces the frombuffer fallback (False)."""
     _C.set_zero_copy(bool(enabled))
@@ -77,9 +86,11 @@ def _torch_shape(dtype_name: str, shape: tuple, name: str) -> list:
     shape = list(shape)
     if dtype_name == "F4":
         if not shape or shape[-1] % 2:
-            raise SafetensorError(
+            raise error(
                 f"tensor {name!r}: F4 needs an even last dimension to become torch's "
-                "float4_e2m1fn_x2 (two values per byte)"
+                "float4_e2m1fn_x2 (two values per byte)",
+                "shape",
+                name,
             )
         shape[-1] //= 2
     return shape
@@ -90,8 +101,10 @@ def fallback_tensor(reader: "_C.Reader", name: str, buf: Any) -> torch.Tensor:
     dtype_name, shape, begin, end = reader.info(name)
     dtype = DTYPES.get(dtype_name)
     if dtype is None:
-        raise SafetensorError(
-            f"tensor {name!r}: dtype {dtype_name} has no torch equivalent in this version of torch"
+        raise error(
+            f"tensor {name!r}: dtype {dtype_name} has no torch equivalent in this version of torch",
+            "dtype",
+            name,
         )
     tshape = _torch_shape(dtype_name, shape, name)
     if end == begin:
@@ -100,7 +113,7 @@ def fallback_tensor(reader: "_C.Reader", name: str, buf: Any) -> torch.Tensor:
         # not mapped: read the bytes (mmap=False without the C ABI)
         data = bytearray(os.pread(reader.fd, end - begin, begin))
         if len(data) != end - begin:
-            raise SafetensorError(f"tensor {name!r}: the file was truncated while being read")
+            raise error(f"tensor {name!r}: the file was truncated while being read", "truncated", name)
         raw = torch.frombuffer(data, dtype=torch.uint8)
     elif isinstance(buf, (bytes, bytearray, memoryview)):
         raw = torch.frombuffer(bytearray(memoryview(buf)[begin:end]), dtype=torch.uint8)

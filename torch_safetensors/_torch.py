@@ -254,13 +254,17 @@ def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any
 
     if format != "pickle":
         if _is_path(f):
+            if os.path.isdir(f):
+                return _load_sharded(f, map_location, mmap)
             fd, is_st = _open_path(f)
             try:
                 if is_st:
                     reader = _C.Reader(fd=fd, mmap=mmap is not False)
                     return _finish(reader, map_location)
+                if _is_sharded_index(fd):
+                    return _load_sharded(f, map_location, mmap)
                 if format == "safetensors":
-                    raise SafetensorError(f"{os.fspath(f)!r} is not a safetensors file")
+                    raise _core.error(f"{os.fspath(f)!r} is not a safetensors file", "not_safetensors")
                 if _has_safetensors_suffix(f):
                     # torch would hand any "*.safetensors" path to another reader by its
                     # name: give torch the same open file under a neutral name instead
@@ -272,8 +276,27 @@ def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any
             if src is not None:
                 return load_safetensors_fileobj(f, map_location, mmap, src)
             if format == "safetensors":
-                raise SafetensorError("the file object does not hold a safetensors file")
+                raise _core.error("the file object does not hold a safetensors file", "not_safetensors")
     return _legacy(f, args, kwargs, weights_only, pickle_module)
+
+
+# ---- sharded checkpoints (a directory, or a *.safetensors.index.json) ----
+
+
+def _is_sharded_index(fd: int) -> bool:
+    """Whether a file that is not safetensors looks like a JSON index (pickle never starts with '{')."""
+    from . import _sharded
+
+    return _sharded.is_index_head(os.pread(fd, 64, 0))
+
+
+def _load_sharded(f: Any, map_location: Any, mmap: Optional[bool]) -> Any:
+    from . import _sharded  # imported here: _sharded builds on this module
+
+    return _sharded.load_sharded(f, map_location=map_location, mmap=mmap)
+
+
+# ---- the legacy path ----
 
 
 def _legacy(f: Any, args: tuple, kwargs: dict, weights_only: Any, pickle_module: Any) -> Any:
