@@ -1062,7 +1062,7 @@ static int stage_tensor(const save_item *it, chunk_sink sink, void *ctx)
 {
     st_tensor stage = NULL, src = NULL, dst = NULL;
     int64_t *strides = NULL, *stage_strides = NULL, *sizes = NULL;
-    int64_t rows, per, offset, row_bytes = 1;
+    int64_t rows, per, row_bytes = 1;
     size_t esize = st_aten.dtype_element_size(it->dtype_code);
     int64_t nd = it->ndim ? it->ndim : 1;
     int rc = -1;
@@ -1087,8 +1087,7 @@ static int stage_tensor(const save_item *it, chunk_sink sink, void *ctx)
         per = (int64_t)(ST_STAGE_BYTES / (size_t)row_bytes);
     if (per > rows)
         per = rows;
-    if (st_aten.get_strides(it->handle, &strides) != 0 ||
-        st_aten.get_storage_offset(it->handle, &offset) != 0)
+    if (st_aten.get_strides(it->handle, &strides) != 0)
         goto done;
     {
         int64_t stride = 1;
@@ -1107,7 +1106,8 @@ static int stage_tensor(const save_item *it, chunk_sink sink, void *ctx)
         goto done;
     for (int64_t r = 0; r < rows; r += per) {
         int64_t n = rows - r < per ? rows - r : per;
-        int64_t src_offset = offset + (it->ndim ? r * strides[0] : 0);
+        /* reinterpret takes an increment on the tensor's own storage offset */
+        int64_t src_offset = it->ndim ? r * strides[0] : 0;
         int sink_rc;
         sizes[0] = n;
         if (st_aten.reinterpret(it->handle, nd, sizes, it->ndim ? strides : stage_strides,

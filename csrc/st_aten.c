@@ -84,7 +84,6 @@ int st_aten_init(const char *libtorch_cpu, const char *libtorch_python, char *ms
     LOAD(cpu, delete_tensor, "aoti_torch_delete_tensor_object");
     LOAD(cpu, copy_, "aoti_torch_copy_");
     LOAD(cpu, reinterpret, "aoti_torch__reinterpret_tensor");
-    LOAD(cpu, get_storage_offset, "aoti_torch_get_storage_offset");
     LOAD(cpu, get_data_ptr, "aoti_torch_get_data_ptr");
     LOAD(cpu, get_dim, "aoti_torch_get_dim");
     LOAD(cpu, get_sizes, "aoti_torch_get_sizes");
@@ -112,7 +111,7 @@ int st_aten_init(const char *libtorch_cpu, const char *libtorch_python, char *ms
     st_aten.layout_strided = code(cpu, "aoti_torch_layout_strided", NULL);
 
     st_aten.ready = st_aten.empty_strided && st_aten.delete_tensor && st_aten.copy_ &&
-                    st_aten.reinterpret && st_aten.get_storage_offset &&
+                    st_aten.reinterpret &&
                     st_aten.get_data_ptr && st_aten.get_dim && st_aten.get_sizes &&
                     st_aten.get_strides && st_aten.get_dtype && st_aten.get_device_type &&
                     st_aten.get_device_index && st_aten.get_layout && st_aten.is_contiguous &&

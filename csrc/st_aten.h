@@ -27,9 +27,9 @@ typedef struct {
                                  st_tensor *ret);
     st_aten_err (*delete_tensor)(st_tensor t);
     st_aten_err (*copy_)(st_tensor self, st_tensor src, int32_t non_blocking);
+    /* a view of self; offset_increment adds to self's own storage offset */
     st_aten_err (*reinterpret)(st_tensor self, int64_t ndim, const int64_t *sizes,
-                               const int64_t *strides, int64_t storage_offset, st_tensor *ret);
-    st_aten_err (*get_storage_offset)(st_tensor t, int64_t *ret);
+                               const int64_t *strides, int64_t offset_increment, st_tensor *ret);
     /* introspection */
     st_aten_err (*get_data_ptr)(st_tensor t, void **ret);
     st_aten_err (*get_dim)(st_tensor t, int64_t *ret);

@@ -156,6 +156,7 @@ class _Flattener:
             raise problem
         if not path:
             path = "tensor"
+            self.needs_structure = True  # a bare tensor must come back as a tensor
         node: Dict[str, Any] = {"t": path}
         if type(t) is _Parameter:
             node["p"] = 1
@@ -269,6 +270,8 @@ class _Builder:
         if name in self.objects:
             t = t.detach()  # a tie: another tensor object over the same storage
         grad = node.get("g") == 1
+        if grad and not (t.is_floating_point() or t.is_complex()):
+            raise _bad(f"tensor {name!r} of dtype {t.dtype} cannot require grad")
         if node.get("p") == 1:
             out: Any = _Parameter(t, requires_grad=grad)
         else:
@@ -332,7 +335,8 @@ def unflatten(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str
         if isinstance(e, SafetensorError):
             raise
         raise _bad(f"not JSON ({e})") from None
-    if type(doc) is not dict or doc.get("version") != STRUCTURE_VERSION or "root" not in doc:
+    version = doc.get("version") if type(doc) is dict else None
+    if type(version) is not int or version != STRUCTURE_VERSION or "root" not in doc:
         raise _bad(f"expected an object with version {STRUCTURE_VERSION} and a root")
     return _Builder(tensors).build(doc["root"], 0)
 
