@@ -8,6 +8,7 @@ and maps tensors straight from the file.
 """
 from ._api import load, load_file, safe_open, save, save_file
 from ._core import SafetensorError
+from ._sharded import load_sharded, save_sharded
 from ._torch import install, installed, uninstall
 
 __all__ = [
@@ -16,9 +17,11 @@ __all__ = [
     "installed",
     "load",
     "load_file",
+    "load_sharded",
     "safe_open",
     "save",
     "save_file",
+    "save_sharded",
     "uninstall",
 ]
 __version__ = "0.1.0"

@@ -261,7 +261,7 @@ def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any
                 if is_st:
                     reader = _C.Reader(fd=fd, mmap=mmap is not False)
                     return _finish(reader, map_location)
-                if _is_sharded_index(fd):
+                if _is_sharded_index(f, fd):
                     return _load_sharded(f, map_location, mmap)
                 if format == "safetensors":
                     raise _core.error(f"{os.fspath(f)!r} is not a safetensors file", "not_safetensors")
@@ -283,11 +283,13 @@ def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any
 # ---- sharded checkpoints (a directory, or a *.safetensors.index.json) ----
 
 
-def _is_sharded_index(fd: int) -> bool:
-    """Whether a file that is not safetensors looks like a JSON index (pickle never starts with '{')."""
+def _is_sharded_index(f: Any, fd: int) -> bool:
+    """Whether a file that is not safetensors is an index: by name, or JSON by content
+    (a pickle never starts with '{')."""
     from . import _sharded
 
-    return _sharded.is_index_head(os.pread(fd, 64, 0))
+    name = os.fsdecode(os.fspath(f))
+    return name.endswith(_sharded.INDEX_SUFFIX) or _sharded.is_index_head(os.pread(fd, 64, 0))
 
 
 def _load_sharded(f: Any, map_location: Any, mmap: Optional[bool]) -> Any:
