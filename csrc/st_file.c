@@ -152,6 +152,52 @@ static uint64_t mix64(uint64_t x)
     return x;
 }
 
+/* The file a path names once symlinks are followed, as open() would write it, even
+ * when the last link dangles. Returns a malloc'd path, or NULL with errno set. */
+static char *follow_links(const char *path)
+{
+    char *cur = strdup(path);
+    for (int hops = 0; cur; hops++) {
+        struct stat st;
+        char target[PATH_MAX];
+        ssize_t n;
+        if (lstat(cur, &st) != 0 || !S_ISLNK(st.st_mode))
+            return cur; /* not a link (or absent): write here */
+        if (hops == 40) {
+            free(cur);
+            errno = ELOOP;
+            return NULL;
+        }
+        n = readlink(cur, target, sizeof(target) - 1);
+        if (n < 0) {
+            int saved = errno;
+            free(cur);
+            errno = saved;
+            return NULL;
+        }
+        target[n] = '\0';
+        if (target[0] == '/') {
+            free(cur);
+            cur = strdup(target);
+        } else {
+            /* relative to the link's own directory */
+            char *copy = strdup(cur), *next = NULL;
+            if (copy) {
+                const char *dir = dirname(copy);
+                size_t len = strlen(dir) + strlen(target) + 2;
+                next = malloc(len);
+                if (next)
+                    snprintf(next, len, "%s/%s", dir, target);
+            }
+            free(copy);
+            free(cur);
+            cur = next;
+        }
+    }
+    errno = ENOMEM;
+    return NULL;
+}
+
 int st_writer_open(st_writer *w, const char *path)
 {
     struct stat st;
@@ -166,10 +212,7 @@ int st_writer_open(st_writer *w, const char *path)
     w->written = 0;
     w->target = NULL;
     /* a symlink is followed: the file it names is replaced, as open() would write it */
-    if (lstat(path, &st) == 0 && S_ISLNK(st.st_mode))
-        w->target = realpath(path, NULL);
-    if (!w->target)
-        w->target = strdup(path);
+    w->target = follow_links(path);
     if (!w->target)
         goto error;
     if (stat(w->target, &st) == 0) {
