@@ -220,6 +220,16 @@ int st_writer_open(st_writer *w, const char *path)
             errno = EISDIR;
             goto error;
         }
+        if (!S_ISREG(st.st_mode)) {
+            /* a device or a pipe (/dev/null, a FIFO): write into it as open() would;
+             * renaming a file over it would replace the node itself */
+            do {
+                w->fd = open(w->target, O_WRONLY | O_CLOEXEC);
+            } while (w->fd < 0 && errno == EINTR);
+            if (w->fd < 0)
+                goto error;
+            return 0;
+        }
         mode = st.st_mode & 07777;
         have_mode = 1;
     }
@@ -333,6 +343,14 @@ void st_writer_abort(st_writer *w)
 int st_writer_commit(st_writer *w, int durable)
 {
     int rc;
+    if (!w->tmp) {
+        /* written in place (a device or a pipe): nothing to rename or sync */
+        rc = close(w->fd);
+        w->fd = -1;
+        free(w->target);
+        w->target = NULL;
+        return rc;
+    }
     if (durable && fdatasync(w->fd) != 0)
         goto error;
     rc = close(w->fd);

@@ -54,12 +54,14 @@ void st_advise(const st_blob *b, size_t off, size_t len, int sequential);
 typedef struct {
     int fd;
     char *target;    /* resolved final path */
-    char *tmp;       /* temporary path in the target's directory */
+    char *tmp;       /* temporary path in the target's directory; NULL when in place */
     uint64_t written;
 } st_writer;
 
 /* Creates a temporary file (O_EXCL|O_CLOEXEC) beside path, with an existing
- * target's permission bits. Returns 0, or -1 with errno set. */
+ * target's permission bits; an existing target that is not a regular file (a
+ * device, a FIFO) is opened and written in place instead (tmp stays NULL).
+ * Returns 0, or -1 with errno set. */
 int st_writer_open(st_writer *w, const char *path);
 
 /* Writes all of iov[0..cnt) (cnt <= IOV_MAX) at the current position, resuming
