@@ -23,6 +23,7 @@
 /* ---- module state ---- */
 
 static PyObject *SafetensorError;   /* subclass of ValueError */
+static PyObject *SharedMemoryError; /* subclass of RuntimeError: tensors to save overlap */
 static PyObject *steal_handles_fn;  /* torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs */
 static PyObject *make_handles_fn;   /* torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors */
 static PyObject *tensor_type;       /* torch.Tensor */
@@ -997,6 +998,7 @@ typedef struct {
     uint64_t nbytes;
     uintptr_t lo, hi;    /* memory range, for sharing checks */
     int32_t dtype_code;
+    int32_t device_type, device_index;
     int on_cpu;
     size_t index;        /* position in the caller's order */
 } save_item;
@@ -1044,6 +1046,10 @@ static int tensors_to_handles(PyObject *tensors, st_tensor *out, Py_ssize_t n)
 static int cmp_range(const void *a, const void *b)
 {
     const save_item *x = *(save_item *const *)a, *y = *(save_item *const *)b;
+    if (x->device_type != y->device_type)
+        return x->device_type < y->device_type ? -1 : 1;
+    if (x->device_index != y->device_index)
+        return x->device_index < y->device_index ? -1 : 1;
     if (x->lo != y->lo)
         return x->lo < y->lo ? -1 : 1;
     return x->index < y->index ? -1 : x->index > y->index;
@@ -1308,6 +1314,9 @@ static int describe(save_item *it, PyObject *name, PyObject *tensor)
         return -1;
     }
     it->on_cpu = device == st_aten.device_cpu;
+    it->device_type = device;
+    if (st_aten.get_device_index(it->handle, &it->device_index) != 0)
+        it->device_index = -1;
     if (st_aten.get_dim(it->handle, &it->ndim) != 0 ||
         st_aten.get_sizes(it->handle, &it->sizes) != 0 ||
         st_aten.get_numel(it->handle, &numel) != 0 ||
@@ -1492,10 +1501,13 @@ static PyObject *mod_save(PyObject *self, PyObject *args, PyObject *kwds)
         save_item *reach = NULL;
         for (Py_ssize_t i = 0; i < n; i++) {
             save_item *it = ranges[i];
-            if (it->hi == it->lo || !it->on_cpu)
+            if (it->hi == it->lo)
                 continue;
+            if (reach && (reach->device_type != it->device_type ||
+                          reach->device_index != it->device_index))
+                reach = NULL; /* addresses on different devices never overlap */
             if (reach && it->lo < reach->hi) {
-                PyErr_Format(PyExc_RuntimeError,
+                PyErr_Format(SharedMemoryError,
                              "tensors %R and %R share memory: saving them would store two "
                              "copies that load back as separate tensors. Save only one of them "
                              "(and re-tie after loading), or use torch.save(obj, f, "
@@ -1627,6 +1639,37 @@ static PyObject *mod_init(PyObject *self, PyObject *args, PyObject *kwds)
                          st_aten.from_pyobject ? Py_True : Py_False);
 }
 
+static PyObject *str_requires_grad;
+static PyObject *ordered_dict_type; /* collections.OrderedDict */
+
+/* plain_flat(obj): whether obj is a dict or OrderedDict of str keys to plain
+ * torch.Tensor values (not subclasses) that do not require grad: a checkpoint
+ * that needs no structure beyond the tensors themselves. */
+static PyObject *mod_plain_flat(PyObject *self, PyObject *obj)
+{
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    (void)self;
+    if (!PyDict_Check(obj) || !tensor_type)
+        Py_RETURN_FALSE;
+    if (!PyDict_CheckExact(obj) && (PyObject *)Py_TYPE(obj) != ordered_dict_type)
+        Py_RETURN_FALSE;
+    while (PyDict_Next(obj, &pos, &k, &v)) {
+        PyObject *grad;
+        int set;
+        if (!PyUnicode_CheckExact(k) || (PyObject *)Py_TYPE(v) != tensor_type)
+            Py_RETURN_FALSE;
+        grad = PyObject_GetAttr(v, str_requires_grad);
+        if (!grad)
+            return NULL;
+        set = grad == Py_True;
+        Py_DECREF(grad);
+        if (set)
+            Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
 static PyObject *mod_set_zero_copy(PyObject *self, PyObject *arg)
 {
     int v = PyObject_IsTrue(arg);
@@ -1670,6 +1713,8 @@ static PyMethodDef module_methods[] = {
      "Finds libtorch's C ABI; returns the features found."},
     {"save", (PyCFunction)(void (*)(void))mod_save, METH_VARARGS | METH_KEYWORDS,
      "save(tensors, metadata=None, path=None, *, durable=False, check_shared=True)"},
+    {"plain_flat", mod_plain_flat, METH_O,
+     "Whether obj is a dict of str to plain tensors that do not require grad."},
     {"set_zero_copy", mod_set_zero_copy, METH_O,
      "Enables or disables tensors built over the mapping (tests force the fallback)."},
     {"zero_copy", mod_zero_copy, METH_NOARGS, "Whether the C zero-copy path is in use."},
@@ -1700,6 +1745,13 @@ PyMODINIT_FUNC PyInit__C(void)
         PyExc_ValueError, NULL);
     if (!SafetensorError || PyModule_AddObjectRef(m, "SafetensorError", SafetensorError) < 0)
         goto error;
+    SharedMemoryError = PyErr_NewExceptionWithDoc(
+        "torch_safetensors.SharedMemoryError",
+        "Tensors given to save_file share memory; they would load back as separate copies.",
+        PyExc_RuntimeError, NULL);
+    if (!SharedMemoryError ||
+        PyModule_AddObjectRef(m, "SharedMemoryError", SharedMemoryError) < 0)
+        goto error;
     /* defaults, so every SafetensorError has code, tensor and position */
     {
         PyObject *code = PyUnicode_FromString("error");
@@ -1708,6 +1760,16 @@ PyMODINIT_FUNC PyInit__C(void)
                   PyObject_SetAttrString(SafetensorError, "position", Py_None) < 0;
         Py_XDECREF(code);
         if (bad)
+            goto error;
+    }
+    str_requires_grad = PyUnicode_InternFromString("requires_grad");
+    if (!str_requires_grad)
+        goto error;
+    {
+        PyObject *collections = PyImport_ImportModule("collections");
+        ordered_dict_type = collections ? PyObject_GetAttrString(collections, "OrderedDict") : NULL;
+        Py_XDECREF(collections);
+        if (!ordered_dict_type)
             goto error;
     }
     str_is_conj = PyUnicode_InternFromString("is_conj");

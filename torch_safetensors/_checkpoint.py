@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from . import _C
 from ._core import SafetensorError, error
 
 STRUCTURE_KEY = "torch_safetensors.structure"
@@ -244,6 +245,31 @@ def flatten(obj: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
         return fl.tensors, {}
     doc = {"version": STRUCTURE_VERSION, "root": root}
     return fl.tensors, {STRUCTURE_KEY: json.dumps(doc, separators=(",", ":"), ensure_ascii=False, allow_nan=False)}
+
+
+def split(obj: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, str], bool]:
+    """flatten, with a C fast path for the common flat dict of plain tensors.
+
+    Returns:
+        (tensors, extra metadata, plain): plain is True when obj was taken as it is
+        without looking for ties; the writer must then refuse overlapping tensors
+        (check_shared), and the caller falls back to :func:`flatten` if it does.
+    """
+    if _C.plain_flat(obj):
+        return obj, {}, True
+    tensors, meta = flatten(obj)
+    return tensors, meta, False
+
+
+def explain(obj: Any) -> None:
+    """Raises the precise TypeError for the first tensor of a flat dict that cannot be
+    stored (nested, quantized, sparse, meta); returns if there is none."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if isinstance(v, torch.Tensor):
+                problem = _tensor_problem(str(k), v)
+                if problem is not None:
+                    raise problem
 
 
 # ---- unflatten ----

@@ -68,28 +68,44 @@ def save_safetensors(
             is not a path or writable file; nothing is written.
         OSError: the file cannot be written; a previous file is left untouched.
     """
-    tensors, header_meta = _checkpoint.flatten(obj)
-    meta: Dict[str, str] = {"format": "pt"}
+    tensors, header_meta, plain = _checkpoint.split(obj)
+    base: Dict[str, str] = {"format": "pt"}
     if metadata is not None:
         if not isinstance(metadata, dict):
             raise TypeError(f"metadata must be a dict of str to str, not {type(metadata).__name__}")
-        meta.update(metadata)
         if _checkpoint.STRUCTURE_KEY in metadata:
             raise ValueError(f"metadata key {_checkpoint.STRUCTURE_KEY!r} is reserved")
-    meta.update(header_meta)
-    # ties were stored once by flatten; other overlapping views are saved as values
+        base.update(metadata)
     if _is_path(f):
-        _C.save(tensors, meta, os.fspath(f), durable=durable, check_shared=False)
-        return
-    write = getattr(f, "write", None)
-    if write is None:
-        raise TypeError(f"f must be a path or a writable binary file object, not {type(f).__name__}")
-    # serialize first: a refused object writes nothing to the caller's file
-    data = _C.save(tensors, meta, check_shared=False)
-    write(data)
-    if durable and hasattr(f, "flush") and hasattr(f, "fileno"):
-        f.flush()
-        os.fsync(f.fileno())
+        path: Optional[str] = os.fspath(f)
+    else:
+        path = None
+        if getattr(f, "write", None) is None:
+            raise TypeError(f"f must be a path or a writable binary file object, not {type(f).__name__}")
+
+    def write(tensors: Dict[str, torch.Tensor], extra: Dict[str, str], check_shared: bool) -> Any:
+        meta = dict(base)
+        meta.update(extra)
+        if path is not None:
+            return _C.save(tensors, meta, path, durable=durable, check_shared=check_shared)
+        # serialize first: a refused object writes nothing to the caller's file
+        return _C.save(tensors, meta, check_shared=check_shared)
+
+    try:
+        data = write(tensors, header_meta, plain)
+    except _C.SharedMemoryError:
+        # tensors of the plain dict overlap: store ties once, other views as values
+        tensors, header_meta = _checkpoint.flatten(obj)
+        data = write(tensors, header_meta, False)
+    except TypeError:
+        if plain:
+            _checkpoint.explain(obj)
+        raise
+    if path is None:
+        f.write(data)
+        if durable and hasattr(f, "flush") and hasattr(f, "fileno"):
+            f.flush()
+            os.fsync(f.fileno())
 
 
 # ---- loading ----
