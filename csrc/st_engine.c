@@ -1121,7 +1121,7 @@ st_code st_read_prefix(const uint8_t *buf, size_t avail, uint64_t file_len,
         return st_fail(err, ST_ERR_TOO_SMALL, 0,
                        "file too small: %llu bytes, a safetensors file starts with an 8-byte "
                        "header length",
-                       (unsigned long long)file_len);
+                       (unsigned long long)(file_len < avail ? file_len : avail));
     for (int i = 7; i >= 0; i--)
         n = (n << 8) | buf[i];
     if (n > ST_MAX_HEADER_LEN)
@@ -1146,6 +1146,10 @@ st_code st_parse_header(const uint8_t *hdr, size_t n, uint64_t file_len, st_tabl
     st_error_clear(err);
     t->header_len = n;
     t->data_start = ST_PREFIX_LEN + (uint64_t)n;
+    if (file_len < t->data_start)
+        return st_fail(err, ST_ERR_HEADER_PAST_END, 0,
+                       "header length %llu runs past the end of the %llu-byte file",
+                       (unsigned long long)n, (unsigned long long)file_len);
     valid = utf8_valid_prefix(hdr, n);
     if (valid != n)
         return st_fail(err, ST_ERR_UTF8, (int64_t)(ST_PREFIX_LEN + valid),
@@ -1308,13 +1312,13 @@ st_code st_plan_write(const st_write_item *items, size_t n, const st_meta_item *
     for (size_t i = 0; i < n; i++) {
         const st_write_item *it = &items[i];
         uint64_t numel = 1, bits;
+        if (utf8_valid_prefix((const uint8_t *)it->name, it->name_len) != it->name_len) {
+            rc = st_fail(err, ST_ERR_INVALID_ARGUMENT, -1, "tensor name is not valid UTF-8");
+            goto error;
+        }
         if ((unsigned)it->dtype >= ST_DTYPE_COUNT) {
             rc = st_fail(err, ST_ERR_INVALID_ARGUMENT, -1, "unknown dtype");
             set_tensor(err, it->name, it->name_len);
-            goto error;
-        }
-        if (utf8_valid_prefix((const uint8_t *)it->name, it->name_len) != it->name_len) {
-            rc = st_fail(err, ST_ERR_INVALID_ARGUMENT, -1, "tensor name is not valid UTF-8");
             goto error;
         }
         if (it->name_len == 12 && memcmp(it->name, "__metadata__", 12) == 0) {
@@ -1323,11 +1327,16 @@ st_code st_plan_write(const st_write_item *items, size_t n, const st_meta_item *
             set_tensor(err, it->name, it->name_len);
             goto error;
         }
-        for (size_t d = 0; d < it->ndim; d++)
-            if (!mul_u64(numel, it->shape[d], &numel))
-                break;
-        if (!mul_u64(numel, st_dtype_bits(it->dtype), &bits) || bits % 8 ||
-            bits / 8 != it->nbytes) {
+        /* the reader's rule: any overflow of the running product is an error */
+        size_t d = 0;
+        while (d < it->ndim && mul_u64(numel, it->shape[d], &numel))
+            d++;
+        if (d < it->ndim || !mul_u64(numel, st_dtype_bits(it->dtype), &bits)) {
+            rc = st_fail(err, ST_ERR_OVERFLOW, -1, "the number of elements overflows");
+            set_tensor(err, it->name, it->name_len);
+            goto error;
+        }
+        if (bits % 8 || bits / 8 != it->nbytes) {
             rc = st_fail(err, ST_ERR_INVALID_ARGUMENT, -1,
                          "the shape and dtype %s do not describe %llu bytes",
                          st_dtype_name(it->dtype), (unsigned long long)it->nbytes);
@@ -1352,7 +1361,7 @@ st_code st_plan_write(const st_write_item *items, size_t n, const st_meta_item *
 
     if (!buf_put(&b, "\0\0\0\0\0\0\0\0{", 9))
         goto nomem;
-    if (has_metadata) {
+    if (has_metadata || nmeta) {
         if (nmeta) {
             midx = malloc(nmeta * sizeof(size_t));
             if (!midx)

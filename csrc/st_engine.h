@@ -165,7 +165,8 @@ typedef struct {
 
 /* Plans a file: the reference writer's order (dtype, then name), offsets packed
  * from 0, and a header byte-identical to the reference writer's (metadata keys sorted).
- * has_metadata writes "__metadata__" even when nmeta is 0. */
+ * "__metadata__" is written when has_metadata is set (even with nmeta 0) or nmeta > 0.
+ * Every header it writes is one st_parse accepts. */
 st_code st_plan_write(const st_write_item *items, size_t n, const st_meta_item *meta,
                       size_t nmeta, int has_metadata, st_plan *plan, st_error *err);
 
