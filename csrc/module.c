@@ -507,17 +507,18 @@ static PyObject *entry_name(const Reader *r, const st_entry *e)
                                 "strict");
 }
 
-static PyObject *Reader_keys(Reader *r, PyObject *unused)
+/* Tensor names, sorted by name or in file order. */
+static PyObject *Reader_names(Reader *r, int sorted)
 {
     PyObject *list;
-    (void)unused;
     if (Reader_check_open(r) < 0)
         return NULL;
     list = PyList_New((Py_ssize_t)r->table.count);
     if (!list)
         return NULL;
     for (size_t i = 0; i < r->table.count; i++) {
-        PyObject *name = entry_name(r, &r->table.entries[r->table.by_name[i]]);
+        size_t k = sorted ? r->table.by_name[i] : i;
+        PyObject *name = entry_name(r, &r->table.entries[k]);
         if (!name) {
             Py_DECREF(list);
             return NULL;
@@ -527,24 +528,16 @@ static PyObject *Reader_keys(Reader *r, PyObject *unused)
     return list;
 }
 
+static PyObject *Reader_keys(Reader *r, PyObject *unused)
+{
+    (void)unused;
+    return Reader_names(r, 1);
+}
+
 static PyObject *Reader_offset_keys(Reader *r, PyObject *unused)
 {
-    PyObject *list;
     (void)unused;
-    if (Reader_check_open(r) < 0)
-        return NULL;
-    list = PyList_New((Py_ssize_t)r->table.count);
-    if (!list)
-        return NULL;
-    for (size_t i = 0; i < r->table.count; i++) {
-        PyObject *name = entry_name(r, &r->table.entries[i]);
-        if (!name) {
-            Py_DECREF(list);
-            return NULL;
-        }
-        PyList_SET_ITEM(list, (Py_ssize_t)i, name);
-    }
-    return list;
+    return Reader_names(r, 0);
 }
 
 static PyObject *Reader_metadata(Reader *r, PyObject *unused)

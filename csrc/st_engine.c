@@ -510,6 +510,21 @@ static st_code json_u64(st_cur *c, uint64_t *out, const char *what, st_error *er
     return ST_OK;
 }
 
+/* After an item of an object or array: consumes ',' (returns 0) or the closing
+ * byte (returns 1); anything else is an error (returns -1 with err set). */
+static int json_next_item(st_cur *c, int close, st_error *err)
+{
+    int ch;
+    cur_ws(c);
+    ch = cur_peek(c);
+    if (ch == close || ch == ',') {
+        c->pos++;
+        return ch == close;
+    }
+    json_unexpected(c, err, close == '}' ? "',' or '}'" : "',' or ']'");
+    return -1;
+}
+
 /* Validates and skips any JSON value, iteratively, nesting at most ST_MAX_DEPTH. */
 static st_code json_skip(st_cur *c, st_error *err)
 {
@@ -663,15 +678,9 @@ static st_code parse_metadata(st_parser *ps)
         if (!reserve((void **)&t->meta, &t->meta_cap, t->meta_count, 1, sizeof(st_meta)))
             return st_fail(ps->err, ST_ERR_NOMEM, -1, "out of memory");
         t->meta[t->meta_count++] = m;
-        cur_ws(c);
-        int ch = cur_next(c);
-        if (ch == '}')
-            return ST_OK;
-        if (ch != ',') {
-            if (ch >= 0)
-                c->pos--;
-            return json_unexpected(c, ps->err, "',' or '}'");
-        }
+        int next = json_next_item(c, '}', ps->err);
+        if (next)
+            return next > 0 ? ST_OK : ps->err->code;
     }
 }
 
@@ -683,7 +692,7 @@ static st_code parse_entry(st_parser *ps, st_entry *e)
     st_cur *c = &ps->c;
     st_code rc;
     unsigned seen = 0;
-    int ch;
+    int next;
 
     cur_ws(c);
     if (cur_peek(c) != '{') {
@@ -783,16 +792,11 @@ static st_code parse_entry(st_parser *ps, st_entry *e)
                         return fail_entry(ps, e->name_off, e->name_len, ST_ERR_SCHEMA);
                     }
                     count++;
-                    cur_ws(c);
-                    ch = cur_next(c);
-                    if (ch == ']')
+                    next = json_next_item(c, ']', ps->err);
+                    if (next < 0)
+                        return fail_entry(ps, e->name_off, e->name_len, ps->err->code);
+                    if (next)
                         break;
-                    if (ch != ',') {
-                        if (ch >= 0)
-                            c->pos--;
-                        return fail_entry(ps, e->name_off, e->name_len,
-                                          json_unexpected(c, ps->err, "',' or ']'"));
-                    }
                 }
             }
             if (field == F_SHAPE) {
@@ -812,16 +816,11 @@ static st_code parse_entry(st_parser *ps, st_entry *e)
             if ((rc = json_skip(c, ps->err)))
                 return fail_entry(ps, e->name_off, e->name_len, rc);
         }
-        cur_ws(c);
-        ch = cur_next(c);
-        if (ch == '}')
+        next = json_next_item(c, '}', ps->err);
+        if (next < 0)
+            return fail_entry(ps, e->name_off, e->name_len, ps->err->code);
+        if (next)
             break;
-        if (ch != ',') {
-            if (ch >= 0)
-                c->pos--;
-            return fail_entry(ps, e->name_off, e->name_len,
-                              json_unexpected(c, ps->err, "',' or '}'"));
-        }
     }
 done:
     if (seen != (F_DTYPE | F_SHAPE | F_OFFSETS)) {
@@ -883,15 +882,11 @@ static st_code parse_object(st_parser *ps)
                 return st_fail(ps->err, ST_ERR_NOMEM, -1, "out of memory");
             t->entries[t->count++] = e;
         }
-        cur_ws(c);
-        ch = cur_next(c);
-        if (ch == '}')
+        int next = json_next_item(c, '}', ps->err);
+        if (next < 0)
+            return ps->err->code;
+        if (next)
             break;
-        if (ch != ',') {
-            if (ch >= 0)
-                c->pos--;
-            return json_unexpected(c, ps->err, "',' or '}'");
-        }
     }
 end:
     cur_ws(c);
@@ -1121,7 +1116,7 @@ st_code st_read_prefix(const uint8_t *buf, size_t avail, uint64_t file_len,
         return st_fail(err, ST_ERR_TOO_SMALL, 0,
                        "file too small: %llu bytes, a safetensors file starts with an 8-byte "
                        "header length",
-                       (unsigned long long)(file_len < avail ? file_len : avail));
+                       (unsigned long long)(file_len < ST_PREFIX_LEN ? file_len : avail));
     for (int i = 7; i >= 0; i--)
         n = (n << 8) | buf[i];
     if (n > ST_MAX_HEADER_LEN)

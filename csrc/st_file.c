@@ -251,7 +251,11 @@ int st_writer_open(st_writer *w, const char *path)
         w->tmp = malloc(n);
         if (!w->tmp)
             goto error;
-        snprintf(w->tmp, n, "%s/.%s.%016llx.tmp", dir, base, (unsigned long long)r);
+        /* the name keeps the target's when it fits: a stale one says whose it was */
+        if (strlen(base) + 22 <= NAME_MAX)
+            snprintf(w->tmp, n, "%s/.%s.%016llx.tmp", dir, base, (unsigned long long)r);
+        else
+            snprintf(w->tmp, n, "%s/.torch_safetensors.%016llx.tmp", dir, (unsigned long long)r);
         w->fd = open(w->tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, have_mode ? 0600 : 0666);
         if (w->fd >= 0 || errno != EEXIST)
             break;

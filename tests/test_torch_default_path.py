@@ -266,11 +266,18 @@ def test_errors_are_torchs(tmp_path):
     ORIG_SAVE(_checkpoint(), buf)
     truncated.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     # (a directory is not compared: loading a directory of shards is a feature of its own)
-    for path in (tmp_path / "missing.pt", empty, garbage, truncated):
+    for path in (tmp_path / "missing.pt", truncated):
         for kw in ({}, {"weights_only": False}, {"mmap": True}):
             ours, theirs = _load_both(path, "path", **kw)
             assert ours[0][0] == "error", (path, kw)
             _assert_same_outcome(ours, theirs)
+    # bytes that are no torch format at all: torch still refuses them first (its error
+    # is the cause), then the strict reader names the safetensors rule they break
+    for path in (empty, garbage):
+        for kw in ({}, {"weights_only": False}):
+            with pytest.raises(ts.SafetensorError, match="not a torch checkpoint") as info:
+                torch.load(path, **kw)
+            assert info.value.__cause__ is not None
 
 
 # ---- saving ----

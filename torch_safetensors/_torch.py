@@ -8,12 +8,13 @@ safetensors by its bytes; everything else goes to torch's own loader with
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import io
 import os
 import pickle
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.serialization as _ser
@@ -280,20 +281,141 @@ def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any
                 if _is_sharded_index(f, fd):
                     return _load_sharded(f, map_location, mmap)
                 if format == "safetensors":
-                    raise _core.error(f"{os.fspath(f)!r} is not a safetensors file", "not_safetensors")
-                if _has_safetensors_suffix(f):
-                    # torch would hand any "*.safetensors" path to another reader by its
-                    # name: give torch the same open file under a neutral name instead
-                    return _legacy(f"/proc/self/fd/{fd}", args, kwargs, weights_only, pickle_module)
+                    # the strict reader says which rule the file breaks
+                    return _finish(_C.Reader(fd=fd, mmap=mmap is not False), map_location)
+                # torch would hand any "*.safetensors" path to another reader by its
+                # name: give torch the same open file under a neutral name instead
+                target = f"/proc/self/fd/{fd}" if _has_safetensors_suffix(f) else f
+                if mmap:
+                    _check_zip_records(fd)
+                try:
+                    return _legacy(target, args, kwargs, weights_only, pickle_module)
+                except Exception as e:
+                    if not _neither(os.pread(fd, 512, 0), e):
+                        raise
+                    # neither a torch checkpoint nor (by its first bytes) safetensors:
+                    # the strict reader explains it (or reads it, if the sniff missed it)
+                    with _explained(e):
+                        reader = _C.Reader(fd=fd, mmap=mmap is not False)
+                    return _finish(reader, map_location)
             finally:
                 os.close(fd)
         elif hasattr(f, "read"):
             src = _fileobj_source(f)
             if src is not None:
                 return load_safetensors_fileobj(f, map_location, mmap, src)
+            pos = _tell(f)
             if format == "safetensors":
-                raise _core.error("the file object does not hold a safetensors file", "not_safetensors")
+                if pos is None:
+                    raise _core.error("the file object does not hold a safetensors file", "not_safetensors")
+                return _finish(_C.Reader(data=f.read()), map_location)
+            try:
+                return _legacy(f, args, kwargs, weights_only, pickle_module)
+            except Exception as e:
+                if pos is None:
+                    raise
+                f.seek(pos)
+                data = f.read()
+                if not isinstance(data, (bytes, bytearray)) or not _neither(bytes(data[:512]), e):
+                    raise
+                with _explained(e):
+                    reader = _C.Reader(data=data)
+                return _finish(reader, map_location)
     return _legacy(f, args, kwargs, weights_only, pickle_module)
+
+
+@contextlib.contextmanager
+def _explained(torch_error: BaseException) -> Iterator[None]:
+    """Re-raises a SafetensorError saying that torch's loader refused the bytes too."""
+    try:
+        yield
+    except SafetensorError as e:
+        err = _core.error(
+            f"not a torch checkpoint (torch's loader raised {type(torch_error).__name__}) "
+            f"and not a valid safetensors file: {e}",
+            e.code,
+            e.tensor,
+        )
+        err.position = e.position
+        raise err from torch_error
+
+
+def _claimed_storage_bytes(data_pkl: bytes) -> Dict[str, int]:
+    """Bytes each storage record must hold, by key, from a zip checkpoint's pickle.
+
+    The pickle is run through torch's weights_only unpickler with storages on the meta
+    device: no data is read and nothing outside its allowlist can run."""
+    from torch import _weights_only_unpickler as wou
+
+    claims: Dict[str, int] = {}
+
+    def persistent_load(saved_id: Any) -> Any:
+        typename, storage_type, key, _location, numel = saved_id
+        if typename not in ("storage", b"storage"):
+            raise pickle.UnpicklingError(f"unknown persistent id {typename!r}")
+        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
+        nbytes = int(numel) * torch._utils._element_size(dtype)
+        claims[str(key)] = max(claims.get(str(key), 0), nbytes)
+        meta = torch.UntypedStorage(nbytes, device="meta")
+        return torch.storage.TypedStorage(wrap_storage=meta, dtype=dtype, _internal=True)
+
+    unpickler = wou.Unpickler(io.BytesIO(data_pkl), encoding="utf-8")
+    unpickler.persistent_load = persistent_load  # type: ignore[attr-defined]
+    unpickler.load()
+    return claims
+
+
+def _check_zip_records(fd: int) -> None:
+    """Refuses a zip checkpoint whose storage records are shorter than its pickle says.
+
+    torch.load(mmap=True) slices storages out of the mapped file by the sizes the pickle
+    claims without checking the records (torch 2.13), so a short record would fill a
+    tensor from the bytes after it. Anything this check cannot read is left to torch."""
+    import zipfile
+
+    try:
+        with os.fdopen(os.dup(fd), "rb") as fobj, zipfile.ZipFile(fobj) as z:
+            names = [n for n in z.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+            if len(names) != 1:
+                return
+            prefix = names[0][: -len("data.pkl")]
+            claims = _claimed_storage_bytes(z.read(names[0]))
+            sizes = {i.filename: i.file_size for i in z.infolist()}
+    except Exception:  # noqa: BLE001 - not a zip this check understands: torch decides
+        return
+    for key, nbytes in claims.items():
+        record = f"{prefix}data/{key}"
+        have = sizes.get(record)
+        if have is None or have < nbytes:
+            raise RuntimeError(
+                f"invalid checkpoint: record size {have} of {record!r} does not match the "
+                f"{nbytes} bytes its pickle claims; refusing to map it (mmap=True would "
+                "read the bytes that follow the record)"
+            )
+
+
+def _tell(f: Any) -> Optional[int]:
+    """The position of a seekable file object, else None."""
+    try:
+        return f.tell() if f.seekable() else None
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _neither(head: bytes, err: BaseException) -> bool:
+    """Whether torch's loader failed on bytes that are not a torch checkpoint at all.
+
+    Not when the bytes are a zip, a protocol 2+ pickle or a tar (torch's formats), a
+    pickle whose globals were refused, or when torch recognised and refused a format it
+    knows (its RuntimeErrors: TorchScript, legacy tar, mmap of a legacy file). Such
+    bytes are reported by the strict safetensors reader instead of torch's unpickler."""
+    if head[:2] == b"PK" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return False
+    if head[257:262] == b"ustar":
+        return False
+    if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in str(err):
+        return False
+    return not isinstance(err, (RuntimeError, OSError, MemoryError, KeyboardInterrupt))
 
 
 # ---- sharded checkpoints (a directory, or a *.safetensors.index.json) ----
