@@ -1663,6 +1663,48 @@ static PyObject *mod_plain_flat(PyObject *self, PyObject *obj)
     Py_RETURN_TRUE;
 }
 
+/* write_atomic(path, data, *, durable=False): writes bytes with the same atomic writer
+ * as save (a temporary file beside path, renamed over it). */
+static PyObject *mod_write_atomic(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"path", "data", "durable", NULL};
+    PyObject *path, *encoded = NULL, *fspath = NULL;
+    Py_buffer data;
+    int durable = 0, sys_errno = 0;
+    st_writer w;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "Oy*|$p:write_atomic", kwlist, &path, &data,
+                                     &durable))
+        return NULL;
+    if (!PyUnicode_FSConverter(path, &encoded) || !(fspath = PyOS_FSPath(path))) {
+        Py_XDECREF(encoded);
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    if (st_writer_open(&w, PyBytes_AS_STRING(encoded)) != 0) {
+        sys_errno = errno;
+    } else {
+        struct iovec one = {data.buf, (size_t)data.len};
+        if (st_writer_writev(&w, &one, 1) != 0) {
+            sys_errno = errno;
+            st_writer_abort(&w);
+        } else if (st_writer_commit(&w, durable) != 0) {
+            sys_errno = errno;
+        }
+    }
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&data);
+    Py_DECREF(encoded);
+    if (sys_errno) {
+        raise_errno(sys_errno, fspath);
+        Py_DECREF(fspath);
+        return NULL;
+    }
+    Py_DECREF(fspath);
+    Py_RETURN_NONE;
+}
+
 static PyObject *mod_set_zero_copy(PyObject *self, PyObject *arg)
 {
     int v = PyObject_IsTrue(arg);
@@ -1706,6 +1748,8 @@ static PyMethodDef module_methods[] = {
      "Finds libtorch's C ABI; returns the features found."},
     {"save", (PyCFunction)(void (*)(void))mod_save, METH_VARARGS | METH_KEYWORDS,
      "save(tensors, metadata=None, path=None, *, durable=False, check_shared=True)"},
+    {"write_atomic", (PyCFunction)(void (*)(void))mod_write_atomic, METH_VARARGS | METH_KEYWORDS,
+     "write_atomic(path, data, *, durable=False): bytes to a file, atomically."},
     {"plain_flat", mod_plain_flat, METH_O,
      "Whether obj is a dict of str to plain tensors that do not require grad."},
     {"set_zero_copy", mod_set_zero_copy, METH_O,

@@ -22,7 +22,6 @@ import errno
 import json
 import os
 import re
-import secrets
 import stat
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
@@ -207,28 +206,9 @@ def _remove(path: str) -> None:
 
 
 def _write_index(path: str, index: Dict[str, Any]) -> None:
-    """Writes the index atomically and durably: a temporary file, fsync, rename."""
-    directory, base = os.path.split(path)
+    """Writes the index atomically and durably, with the C writer the shards use."""
     data = (json.dumps(index, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    for _ in range(100):
-        tmp = os.path.join(directory, f".{base}.{secrets.token_hex(8)}.tmp")
-        try:
-            fd = os.open(tmp, flags, 0o666)  # the umask applies, as for any new file
-            break
-        except FileExistsError:
-            continue
-    else:
-        raise FileExistsError(errno.EEXIST, "no free temporary file name", directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        _remove(tmp)
-        raise
+    _C.write_atomic(path, data, durable=True)
 
 
 def _prepare_directory(directory: FILE_PATH) -> str:

@@ -55,7 +55,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import _C, _core, _torch
+from . import _C, _core, _sharded, _torch
 from ._core import SafetensorError
 
 __all__ = ["SafetensorsWriter", "SafetensorsReader"]
@@ -458,41 +458,16 @@ def _no_constant(name: str) -> Any:
 
 
 def _write_index(directory: str, doc: Dict[str, Any], durable: bool) -> None:
-    """Writes the index beside a temporary name, then renames it into place."""
+    """Writes the index with the C writer the shards use: a temporary name, then rename."""
     data = json.dumps(doc, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-    tmp = os.path.join(directory, f".{INDEX_NAME}.{uuid.uuid4().hex[:16]}.tmp")
-    fd = os.open(tmp, flags, 0o666)  # the umask applies, as for the shard files
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(directory, INDEX_NAME))
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if durable:
-        _fsync_dir(directory)
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _C.write_atomic(os.path.join(directory, INDEX_NAME), data, durable=durable)
 
 
 def _remove_stale_shards(directory: str, keep: List[str]) -> None:
     """Removes shard files (and temporary files) of earlier or interrupted saves."""
     for name in os.listdir(directory):
         if _INDEX_TMP_RE.fullmatch(name):  # a coordinator died while writing the index
-            _unlink_quietly(os.path.join(directory, name))
+            _sharded._remove(os.path.join(directory, name))
     shard_dir = os.path.join(directory, SHARD_DIR)
     keep_names = {os.path.basename(k) for k in keep if os.path.dirname(k) == SHARD_DIR}
     try:
@@ -503,14 +478,7 @@ def _remove_stale_shards(directory: str, keep: List[str]) -> None:
         if name in keep_names:
             continue
         if _SHARD_RE.fullmatch(name) or _SHARD_TMP_RE.fullmatch(name):
-            _unlink_quietly(os.path.join(shard_dir, name))
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+            _sharded._remove(os.path.join(shard_dir, name))
 
 
 # ---- reading chunks back ----
