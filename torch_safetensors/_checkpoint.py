@@ -124,23 +124,12 @@ def _join(path: str, part: str) -> str:
     return f"{path}.{part}" if path else part
 
 
-def _fast_flat(obj: Any) -> Optional[Dict[str, torch.Tensor]]:
-    """obj itself when it is a flat dict of plain, untied tensors with str keys."""
-    if type(obj) is not dict and type(obj) is not OrderedDict:
+def view_key(t: torch.Tensor) -> Optional[tuple]:
+    """Identity of a view of memory: tensors with equal keys are ties, stored once.
+    None for empty tensors, which never tie."""
+    if t.numel() == 0:
         return None
-    seen = set()
-    for k, v in obj.items():
-        if type(k) is not str or type(v) is not torch.Tensor or v.requires_grad:
-            return None
-        problem = _tensor_problem(k, v)
-        if problem is not None:
-            raise problem
-        p = v.data_ptr()
-        if p:
-            if p in seen:
-                return None  # a possible tie: the general path decides
-            seen.add(p)
-    return obj
+    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
 
 
 class _Flattener:
@@ -167,13 +156,12 @@ class _Flattener:
             self.needs_structure = True
         # ties: the same object, or the same view of the same memory, is stored once
         same = self.by_object.get(id(t))
-        if same is None and t.numel() > 0:
-            view = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
-            same = self.by_view.get(view)
-            if same is None:
-                self.by_view[view] = path
-        else:
-            view = None
+        if same is None:
+            view = view_key(t)
+            if view is not None:
+                same = self.by_view.setdefault(view, path)
+                if same == path:
+                    same = None  # the first of its view
         if same is not None:
             node["t"] = same
             if self.by_object.get(id(t)) == same:
@@ -236,9 +224,6 @@ def flatten(obj: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
         TypeError: naming the key path and type of the first value that cannot be saved.
         ValueError: nesting too deep, or two keys whose dotted paths collide.
     """
-    flat = _fast_flat(obj)
-    if flat is not None:
-        return flat, {}
     fl = _Flattener()
     root = fl.value("", "", obj, 0)
     if not fl.needs_structure:

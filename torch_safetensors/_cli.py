@@ -373,7 +373,7 @@ def _data_bytes(tensors: Dict[str, torch.Tensor]) -> int:
     seen = set()
     total = 0
     for t in tensors.values():
-        key = _sharded._view_key(t)
+        key = _checkpoint.view_key(t)
         if key is None or key not in seen:
             total += t.numel() * t.element_size()
         if key is not None:

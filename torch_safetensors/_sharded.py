@@ -136,13 +136,6 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _view_key(t: torch.Tensor) -> Optional[tuple]:
-    """Identity of a view: equal keys are ties (the rule _checkpoint uses to store once)."""
-    if t.numel() == 0:
-        return None
-    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
-
-
 # ---- saving ----
 
 
@@ -172,7 +165,7 @@ def _plan(state_dict: Mapping[str, torch.Tensor], limit: int) -> Tuple[List[Dict
         problem = _checkpoint._tensor_problem(name, t)
         if problem is not None:
             raise problem
-        key = _view_key(t)
+        key = _checkpoint.view_key(t)
         if key is not None and key in home:
             shards[home[key]][name] = t  # a tie: stored once, beside its first name
             continue
@@ -263,7 +256,7 @@ def _save_sharded(
             written.append(os.path.join(path, name))
             stored = set()
             for key, t in shard.items():
-                vk = _view_key(t)
+                vk = _checkpoint.view_key(t)
                 if vk is None or vk not in stored:
                     weight_map[key] = name
                     done += _nbytes(t)
