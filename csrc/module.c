@@ -149,8 +149,7 @@ static PyObject *raise_aten(PyObject *type, const char *what, PyObject *name)
 
 typedef struct {
     PyObject_HEAD
-    st_blob *blob;
-    Py_ssize_t exports;
+    st_blob *blob; /* a reference: the mapping outlives every export of this object */
 } Mapping;
 
 static PyTypeObject Mapping_Type;
@@ -162,7 +161,6 @@ static PyObject *Mapping_new(st_blob *blob)
         return NULL;
     st_blob_incref(blob);
     m->blob = blob;
-    m->exports = 0;
     return (PyObject *)m;
 }
 
@@ -176,17 +174,8 @@ static void Mapping_dealloc(Mapping *m)
 static int Mapping_getbuffer(Mapping *m, Py_buffer *view, int flags)
 {
     /* private mapping: writes stay in this process */
-    if (PyBuffer_FillInfo(view, (PyObject *)m, m->blob->base, (Py_ssize_t)m->blob->len, 0,
-                          flags) < 0)
-        return -1;
-    m->exports++;
-    return 0;
-}
-
-static void Mapping_releasebuffer(Mapping *m, Py_buffer *view)
-{
-    (void)view;
-    m->exports--;
+    return PyBuffer_FillInfo(view, (PyObject *)m, m->blob->base, (Py_ssize_t)m->blob->len, 0,
+                             flags);
 }
 
 static Py_ssize_t Mapping_len(Mapping *m)
@@ -196,7 +185,7 @@ static Py_ssize_t Mapping_len(Mapping *m)
 
 static PyBufferProcs Mapping_as_buffer = {
     (getbufferproc)Mapping_getbuffer,
-    (releasebufferproc)Mapping_releasebuffer,
+    NULL,
 };
 
 static PySequenceMethods Mapping_as_sequence = {
@@ -1521,8 +1510,7 @@ static PyObject *mod_save(PyObject *self, PyObject *args, PyObject *kwds)
         } else {
             PyObject *nm = PyUnicode_DecodeUTF8(err.tensor, (Py_ssize_t)err.tensor_len, "replace");
             if (nm && err.tensor_len)
-                PyErr_Format(rc == ST_ERR_DUPLICATE ? PyExc_ValueError : PyExc_ValueError,
-                             "cannot save tensor %R: %s", nm, err.message);
+                PyErr_Format(PyExc_ValueError, "cannot save tensor %R: %s", nm, err.message);
             else if (nm)
                 PyErr_Format(PyExc_ValueError, "cannot save: %s", err.message);
             Py_XDECREF(nm);
@@ -1532,7 +1520,7 @@ static PyObject *mod_save(PyObject *self, PyObject *args, PyObject *kwds)
     {
         write_job job;
         st_writer w;
-        int wrc = 0, opened = 0;
+        int wrc = 0;
         memset(&job, 0, sizeof(job));
         job.items = items;
         job.plan = &plan;
@@ -1555,7 +1543,6 @@ static PyObject *mod_save(PyObject *self, PyObject *args, PyObject *kwds)
             if (st_writer_open(&w, PyBytes_AS_STRING(encoded)) != 0) {
                 job.sys_errno = errno;
             } else {
-                opened = 1;
                 wrc = write_all(&job);
                 if (wrc == 0 && st_writer_commit(&w, durable) != 0)
                     job.sys_errno = errno;
@@ -1566,7 +1553,6 @@ static PyObject *mod_save(PyObject *self, PyObject *args, PyObject *kwds)
             wrc = write_all(&job);
         }
         Py_END_ALLOW_THREADS
-        (void)opened;
         if (job.aten_failed) {
             Py_CLEAR(result);
             raise_aten(PyExc_RuntimeError, "torch could not copy the tensor to the CPU",

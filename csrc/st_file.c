@@ -46,7 +46,6 @@ st_blob *st_blob_map(int fd, size_t len)
     atomic_init(&b->refs, 1);
     b->base = p;
     b->len = len;
-    b->kind = ST_BLOB_MMAP;
     atomic_fetch_add(&live_blobs, 1);
     return b;
 }
@@ -60,25 +59,9 @@ void st_blob_decref(st_blob *b)
 {
     if (atomic_fetch_sub_explicit(&b->refs, 1, memory_order_acq_rel) != 1)
         return;
-    if (b->kind == ST_BLOB_MMAP)
-        munmap(b->base, b->len);
-    else
-        free(b->base);
+    munmap(b->base, b->len);
     free(b);
     atomic_fetch_sub(&live_blobs, 1);
-}
-
-void st_advise(const st_blob *b, size_t off, size_t len, int sequential)
-{
-    long page = sysconf(_SC_PAGESIZE);
-    size_t start, end;
-    if (b->kind != ST_BLOB_MMAP || off >= b->len || page <= 0)
-        return;
-    if (len > b->len - off)
-        len = b->len - off;
-    start = off - off % (size_t)page;
-    end = off + len;
-    madvise(b->base + start, end - start, sequential ? MADV_SEQUENTIAL : MADV_WILLNEED);
 }
 
 /* ---- reading ---- */

@@ -9,15 +9,12 @@
 #include <sys/types.h>
 #include <sys/uio.h>
 
-/* ---- blobs: bytes that tensors point into ---- */
-
-typedef enum { ST_BLOB_MMAP, ST_BLOB_HEAP } st_blob_kind;
+/* ---- blobs: the private mapping that tensors point into ---- */
 
 typedef struct {
     atomic_long refs;
     uint8_t *base;
-    size_t len;      /* bytes mapped or allocated */
-    st_blob_kind kind;
+    size_t len;      /* bytes mapped */
 } st_blob;
 
 /* Live blobs in this process, for leak tests. */
@@ -30,7 +27,7 @@ st_blob *st_blob_map(int fd, size_t len);
 /* Takes a reference. */
 void st_blob_incref(st_blob *b);
 
-/* Drops a reference; the last one unmaps or frees. Safe from any thread. */
+/* Drops a reference; the last one unmaps. Safe from any thread. */
 void st_blob_decref(st_blob *b);
 
 /* ---- reading ---- */
@@ -45,9 +42,6 @@ int st_open_read(const char *path, uint64_t *size);
 /* Reads exactly len bytes at offset; returns 0, or -1 with errno set
  * (EIO-like short reads report ENODATA: the file shrank). */
 int st_pread_all(int fd, void *buf, size_t len, uint64_t offset);
-
-/* Hints that [off, off+len) of a mapping will be read soon or sequentially. */
-void st_advise(const st_blob *b, size_t off, size_t len, int sequential);
 
 /* ---- atomic writing ---- */
 
