@@ -436,7 +436,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     total = _data_bytes(tensors)
     bar = _Bar(total, "writing", enabled=_progress_enabled(args.progress, total))
     with _Watcher(bar, os.path.dirname(dst), os.path.basename(dst) + ".", lambda: 0):
-        torch.save(obj, dst, format="safetensors")
+        # flatten already stored ties once: no overlap check, no second walk
+        _torch.save_safetensors(obj, dst, parts=(tensors, structure, False))
     bar.update(total)
     bar.close()
     kind = "whole checkpoint" if structure else "state dict"

@@ -53,7 +53,12 @@ def _has_safetensors_suffix(f: Any) -> bool:
 
 
 def save_safetensors(
-    obj: Any, f: Any, metadata: Optional[Dict[str, str]] = None, *, durable: bool = False
+    obj: Any,
+    f: Any,
+    metadata: Optional[Dict[str, str]] = None,
+    *,
+    durable: bool = False,
+    parts: Optional[Tuple[Dict[str, torch.Tensor], Dict[str, str], bool]] = None,
 ) -> None:
     """Writes obj as a safetensors file to a path (atomically) or a writable binary file.
 
@@ -63,13 +68,14 @@ def save_safetensors(
         f: a ``str``, an ``os.PathLike`` or a writable binary file object.
         metadata: extra ``str`` -> ``str`` metadata; ``{"format": "pt"}`` is always added.
         durable: flush the data and the directory entry to stable storage.
+        parts: ``_checkpoint.split(obj)``, when the caller already has it.
 
     Raises:
         TypeError: obj holds something that is not a tensor (named by its key), or f
             is not a path or writable file; nothing is written.
         OSError: the file cannot be written; a previous file is left untouched.
     """
-    tensors, header_meta, plain = _checkpoint.split(obj)
+    tensors, header_meta, plain = parts if parts is not None else _checkpoint.split(obj)
     base: Dict[str, str] = {"format": "pt"}
     if metadata is not None:
         if not isinstance(metadata, dict):
@@ -243,31 +249,15 @@ def _weights_only_hint(err: BaseException) -> str:
     )
 
 
-def _legacy_load(f: Any, args: tuple, kwargs: dict, explicit_unsafe: bool) -> Any:
-    assert _orig_load is not None
-    if explicit_unsafe:
-        return _orig_load(f, *args, **kwargs)
-    try:
-        return _orig_load(f, *args, **kwargs)
-    except pickle.UnpicklingError as e:
-        raise pickle.UnpicklingError(_weights_only_hint(e)) from None
-
-
 # ---- the wrappers ----
-
-
-def _bind_load(f: Any, args: tuple, kwargs: dict) -> inspect.BoundArguments:
-    return _LOAD_SIG.bind(f, *args, **kwargs)
 
 
 def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any:
     _check_format(format)
-    bound = _bind_load(f, args, kwargs)
+    bound = _LOAD_SIG.bind(f, *args, **kwargs)
     a = bound.arguments
     map_location = a.get("map_location")
     mmap = a.get("mmap")
-    pickle_module = a.get("pickle_module")
-    weights_only = a.get("weights_only")
 
     if format != "pickle":
         if _is_path(f):
@@ -289,7 +279,7 @@ def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any
                 if mmap:
                     _check_zip_records(fd)
                 try:
-                    return _legacy(target, args, kwargs, weights_only, pickle_module)
+                    return _legacy(target, bound)
                 except Exception as e:
                     if not _neither(os.pread(fd, 512, 0), e):
                         raise
@@ -310,7 +300,7 @@ def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any
                     raise _core.error("the file object does not hold a safetensors file", "not_safetensors")
                 return _finish(_C.Reader(data=f.read()), map_location)
             try:
-                return _legacy(f, args, kwargs, weights_only, pickle_module)
+                return _legacy(f, bound)
             except Exception as e:
                 if pos is None:
                     raise
@@ -321,7 +311,7 @@ def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any
                 with _explained(e):
                     reader = _C.Reader(data=data)
                 return _finish(reader, map_location)
-    return _legacy(f, args, kwargs, weights_only, pickle_module)
+    return _legacy(f, bound)
 
 
 @contextlib.contextmanager
@@ -439,19 +429,26 @@ def _load_sharded(f: Any, map_location: Any, mmap: Optional[bool]) -> Any:
 # ---- the legacy path ----
 
 
-def _legacy(f: Any, args: tuple, kwargs: dict, weights_only: Any, pickle_module: Any) -> Any:
-    explicit_unsafe = weights_only is False
+def _legacy(f: Any, bound: inspect.BoundArguments) -> Any:
+    """torch's own loader on f, with weights_only=True unless the caller passed False."""
+    assert _orig_load is not None
+    a = bound.arguments
+    explicit_unsafe = a.get("weights_only") is False
     if not explicit_unsafe:
-        if pickle_module is not None:
+        if a.get("pickle_module") is not None:
             raise RuntimeError(
                 "torch_safetensors loads legacy checkpoints with weights_only=True, and a "
                 "custom pickle_module cannot be made safe. Pass weights_only=False explicitly "
                 "to use it, only for a file from a trusted source."
             )
-        bound = _LOAD_SIG.bind(f, *args, **kwargs)
-        bound.arguments["weights_only"] = True
-        args, kwargs = bound.args[1:], bound.kwargs
-    return _legacy_load(f, args, kwargs, explicit_unsafe)
+        a["weights_only"] = True
+    args, kwargs = bound.args[1:], bound.kwargs
+    if explicit_unsafe:
+        return _orig_load(f, *args, **kwargs)
+    try:
+        return _orig_load(f, *args, **kwargs)
+    except pickle.UnpicklingError as e:
+        raise pickle.UnpicklingError(_weights_only_hint(e)) from None
 
 
 def save(
