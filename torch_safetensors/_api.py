@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Union
 
 import torch
 
@@ -13,33 +13,6 @@ FILE_PATH = Union[str, "os.PathLike[str]"]
 DEVICE = Union[str, int, torch.device]
 
 __all__ = ["save_file", "save", "load_file", "load", "safe_open", "SafetensorError"]
-
-
-# ---- devices ----
-
-
-def _resolve_device(device: DEVICE) -> Tuple[str, Optional[torch.device]]:
-    """Where the C core builds tensors ('cpu' or 'meta'), and where they then go."""
-    if isinstance(device, int) and not isinstance(device, bool):
-        dev = torch.device("cuda", device)  # as safetensors: an int is a CUDA index
-    elif isinstance(device, (str, torch.device)):
-        dev = torch.device(device)
-    else:
-        raise TypeError(f"device must be a str, int or torch.device, not {type(device).__name__}")
-    if dev.type == "cpu":
-        return "cpu", None
-    if dev.type == "meta":
-        return "meta", None
-    return "cpu", dev
-
-
-def _move(tensors: Dict[str, torch.Tensor], dev: Optional[torch.device]) -> Dict[str, torch.Tensor]:
-    if dev is None:
-        return tensors
-    # one tensor at a time: the CPU copies are views of the mapping, nothing extra is held
-    for name in tensors:
-        tensors[name] = tensors[name].to(dev)
-    return tensors
 
 
 def _as_dict(tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -138,10 +111,10 @@ def load_file(filename: FILE_PATH, device: DEVICE = "cpu") -> Dict[str, torch.Te
     Example:
         >>> tensors = load_file("model.safetensors")
     """
-    build, dev = _resolve_device(device)
+    build, dev = _core.resolve_device(device)
     reader = _C.Reader(os.fspath(filename))
     try:
-        return _move(_core.build(reader, None, build), dev)
+        return _core.move(_core.build(reader, None, build), dev)
     finally:
         reader.close()
 
@@ -229,7 +202,7 @@ class safe_open:
                 f"framework {framework!r} is not supported: torch_safetensors builds torch "
                 "tensors (use framework='pt')"
             )
-        self._build, self._dev = _resolve_device(device)
+        self._build, self._dev = _core.resolve_device(device)
         self._reader = _C.Reader(os.fspath(filename))
 
     def __enter__(self) -> "safe_open":
@@ -261,7 +234,7 @@ class safe_open:
 
     def get_tensors(self) -> Dict[str, torch.Tensor]:
         """Every tensor, in file order."""
-        return _move(_core.build(self._reader, None, self._build), self._dev)
+        return _core.move(_core.build(self._reader, None, self._build), self._dev)
 
     def get_slice(self, name: str) -> _Slice:
         """A lazy slice object: ``get_shape()``, ``get_dtype()`` and ``[...]`` indexing."""

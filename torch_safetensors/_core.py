@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -138,3 +138,25 @@ def build(reader: "_C.Reader", names: Optional[list], device: str) -> Dict[str, 
         t = fallback_tensor(reader, name, buf)
         out[name] = t.to("meta") if device == "meta" else t
     return out
+
+
+def resolve_device(device: Any) -> Tuple[str, Optional[torch.device]]:
+    """Where the C core builds tensors ('cpu' or 'meta'), and where they then go."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        dev = torch.device("cuda", device)  # as safetensors: an int is a CUDA index
+    elif isinstance(device, (str, torch.device)):
+        dev = torch.device(device)
+    else:
+        raise TypeError(f"device must be a str, int or torch.device, not {type(device).__name__}")
+    if dev.type in ("cpu", "meta"):
+        return dev.type, None
+    return "cpu", dev
+
+
+def move(tensors: Dict[str, torch.Tensor], dev: Optional[torch.device]) -> Dict[str, torch.Tensor]:
+    """Moves built tensors to dev (None: leave them), one at a time: the CPU tensors are
+    views of the mapping, so nothing extra is held."""
+    if dev is not None:
+        for name in tensors:
+            tensors[name] = tensors[name].to(dev)
+    return tensors

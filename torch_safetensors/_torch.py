@@ -164,14 +164,8 @@ def _read_tensors(reader: "_C.Reader", map_location: Any) -> Dict[str, torch.Ten
     if fn is not None:
         tensors = _core.build(reader, None, "cpu")
         return _apply_callable(fn, tensors)
-    dev = torch.device(device)
-    if dev.type == "meta":
-        return _core.build(reader, None, "meta")
-    tensors = _core.build(reader, None, "cpu")
-    if dev.type != "cpu":
-        for name in tensors:
-            tensors[name] = tensors[name].to(dev)
-    return tensors
+    where, dev = _core.resolve_device(device)
+    return _core.move(_core.build(reader, None, where), dev)
 
 
 def _finish(reader: "_C.Reader", map_location: Any) -> Any:
