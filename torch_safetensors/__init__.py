@@ -8,11 +8,14 @@ and maps tensors straight from the file.
 """
 from ._api import load, load_file, safe_open, save, save_file
 from ._core import SafetensorError
+from ._default import PickleFallbackWarning, get_default_format, set_default_format
 from ._sharded import load_sharded, save_sharded
 from ._torch import install, installed, uninstall
 
 __all__ = [
+    "PickleFallbackWarning",
     "SafetensorError",
+    "get_default_format",
     "install",
     "installed",
     "load",
@@ -22,6 +25,7 @@ __all__ = [
     "save",
     "save_file",
     "save_sharded",
+    "set_default_format",
     "uninstall",
 ]
 __version__ = "0.1.0"
