@@ -56,15 +56,18 @@ from ._api import (  # noqa: E402
     storage_ptr,
     storage_size,
 )
+from ._default import PickleFallbackWarning, get_default_format, set_default_format  # noqa: E402
 from ._sharded import load_sharded, save_sharded  # noqa: E402
 from ._torch import install, installed, uninstall  # noqa: E402
 
 __all__ = [
+    "PickleFallbackWarning",
     "SafetensorError",
     "TensorSpec",
     "UnsupportedTensorError",
     "__version__",
     "deserialize",
+    "get_default_format",
     "install",
     "installed",
     "load",
@@ -79,6 +82,7 @@ __all__ = [
     "serialize",
     "serialize_file",
     "storage_ptr",
+    "set_default_format",
     "storage_size",
     "uninstall",
 ]

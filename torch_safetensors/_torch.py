@@ -14,12 +14,13 @@ import inspect
 import io
 import os
 import pickle
+import warnings
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.serialization as _ser
 
-from . import _C, _checkpoint, _core
+from . import _C, _checkpoint, _core, _default
 from . import _legacy as _legacy_reader
 from ._core import SafetensorError
 
@@ -404,10 +405,47 @@ def save(
         _SAVE_SIG.bind(obj, f, *args, **kwargs)  # torch's own arguments still checked
         save_safetensors(obj, f, metadata, durable=durable)
         return
+    if format is None and _default.get_default_format() == "safetensors":
+        _SAVE_SIG.bind(obj, f, *args, **kwargs)
+        if _save_by_default(obj, f, metadata, durable):
+            return
+        metadata, durable = None, False  # the fallback: torch's own format below
     if metadata is not None or durable:
         raise ValueError("metadata and durable apply only with format='safetensors'")
     assert _orig_save is not None
     _orig_save(obj, f, *args, **kwargs)
+
+
+def _target_name(f: Any) -> str:
+    if _is_path(f):
+        return repr(os.fsdecode(os.fspath(f)))
+    name = getattr(f, "name", None)
+    return repr(name) if isinstance(name, (str, bytes)) else f"a {type(f).__name__}"
+
+
+def _save_by_default(obj: Any, f: Any, metadata: Optional[Dict[str, str]], durable: bool) -> bool:
+    """Saves as safetensors because that is the default format. False when the object
+    cannot be stored and the fallback to pickle is on (nothing was written: paths are
+    written atomically and file objects only after the whole file is built)."""
+    try:
+        save_safetensors(obj, f, metadata, durable=durable)
+        return True
+    except TypeError as e:
+        if not (_is_path(f) or hasattr(f, "write")):
+            raise
+        if _default.fallback() != "pickle":
+            raise TypeError(
+                f"{e}\n(torch.save writes safetensors because the default format is "
+                f"safetensors ({_default.ENV_FORMAT} or set_default_format); pass "
+                f"format='pickle' to this call, or set {_default.ENV_FALLBACK}=pickle to "
+                "write pickle whenever an object cannot be stored)"
+            ) from None
+        warnings.warn(
+            f"torch.save to {_target_name(f)} wrote pickle, not safetensors: {e}",
+            _default.PickleFallbackWarning,
+            stacklevel=4,
+        )
+        return False
 
 
 # ---- signatures and docs ----
@@ -417,8 +455,10 @@ _SAVE_DOC = """
 torch_safetensors adds:
     format (str, optional, keyword-only): ``"safetensors"`` writes a standard
         safetensors file (atomically, for paths); ``"pickle"`` forces torch's own
-        format; ``None`` (default) keeps torch's format, except for paths ending in
-        ``.safetensors``, which are written as safetensors.
+        format; ``None`` (default) writes the default format (torch's, unless
+        ``TORCH_SAFETENSORS_FORMAT=safetensors`` or
+        ``torch_safetensors.set_default_format("safetensors")``), except for paths
+        ending in ``.safetensors``, which are always written as safetensors.
     metadata (dict[str, str], optional, keyword-only): extra header metadata for
         safetensors files (``{"format": "pt"}`` is always written).
     durable (bool, keyword-only): with safetensors, flush the data and the directory
