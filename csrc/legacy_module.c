@@ -3,6 +3,8 @@
 #include "legacy_module.h"
 
 #include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -183,6 +185,17 @@ static PyObject *raise_errno_fd(int e)
     return PyErr_SetFromErrno(PyExc_OSError);
 }
 
+/* PyErr_Format knows neither %.*s nor field widths: format here */
+static void raise_runtime(const char *fmt, ...)
+{
+    char msg[768];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    PyErr_SetString(PyExc_RuntimeError, msg);
+}
+
 #define FALLBACK(why)                                                                          \
     do {                                                                                       \
         st->reason = (why);                                                                    \
@@ -238,6 +251,7 @@ static int read_archive(load_state *st, int default_little)
         FALLBACK("a zip directory the reader does not understand");
     }
     st->n_entries = (size_t)dir.count;
+    /* torch names the archive after its first record's folder */
     if (st->n_entries == 0)
         FALLBACK("an empty zip");
     st->refs = malloc(st->n_entries * sizeof(name_ref));
@@ -251,35 +265,34 @@ static int read_archive(load_state *st, int default_little)
         st->refs[i].idx = (uint32_t)i;
     }
     qsort(st->refs, st->n_entries, sizeof(name_ref), ref_cmp);
-    for (size_t i = 1; i < st->n_entries; i++) {
-        if (ref_cmp(&st->refs[i - 1], &st->refs[i]) == 0) {
-            /* which one torch reads is the zip library's choice: never map such a file */
-            if (st->use_mmap) {
-                PyErr_Format(PyExc_RuntimeError,
-                             "invalid checkpoint: the zip holds two records named %.200s; "
-                             "refusing to map it",
-                             st->refs[i].name);
-                return -1;
-            }
-            FALLBACK("duplicate record names");
-        }
-    }
-    /* torch names the archive after its first record's folder */
     prefix = st->entries[0].name;
     slash = memchr(prefix, '/', st->entries[0].name_len);
     if (!slash)
         FALLBACK("the first record is not in a folder");
     plen = (size_t)(slash - prefix) + 1;
+    for (size_t i = 1; i < st->n_entries; i++) {
+        const name_ref *r = &st->refs[i];
+        if (ref_cmp(&st->refs[i - 1], r) != 0)
+            continue;
+        /* which one torch reads is the zip library's choice: never map such a storage */
+        if (st->use_mmap && r->len > plen + 5 && memcmp(r->name, prefix, plen) == 0 &&
+            memcmp(r->name + plen, "data/", 5) == 0) {
+            raise_runtime(
+                         "invalid checkpoint: the zip holds two storage records named %.*s; "
+                         "refusing to map it",
+                         (int)(r->len > 200 ? 200 : r->len), (const char *)r->name);
+            return -1;
+        }
+        FALLBACK("duplicate record names");
+    }
     if (find_entry(st->refs, st->n_entries, prefix, plen, "constants.pkl", 13) >= 0)
         FALLBACK("a TorchScript archive");
     if (st->use_mmap) {
         /* compressed storages are never mapped as if they were the data */
         for (size_t i = 0; i < st->n_entries; i++) {
             const sp_zip_entry *e = &st->entries[i];
-            if (e->method != 0 && e->name_len > plen + 5 &&
-                ci_cmp(e->name, plen + 5, prefix, plen) == 0 - 0 &&
-                memcmp(e->name, prefix, plen) == 0 && memcmp(e->name + plen, "data/", 5) == 0) {
-                PyErr_Format(PyExc_RuntimeError,
+            if (e->method != 0 && e->name_len > plen + 5 && memcmp(e->name, prefix, plen) == 0 && memcmp(e->name + plen, "data/", 5) == 0) {
+                raise_runtime(
                              "invalid checkpoint: record %.*s is compressed; torch.load(mmap=True) "
                              "would map the compressed bytes as the tensor's data. Load it with "
                              "mmap=False.",
@@ -441,8 +454,11 @@ static int check_records(load_state *st, PyObject *cpu_ok)
         memcpy(rest, "data/", 5);
         memcpy(rest + 5, st->pkl + key->off, key->len);
         ei = find_entry(st->refs, st->n_entries, prefix, plen, rest, key->len + 5);
-        if (ei < 0)
-            FALLBACK("a storage whose record is missing"); /* torch names it */
+        if (ei < 0) {
+            /* torch raises for it in every mode, so nothing short can come back */
+            st->records_checked = 1;
+            FALLBACK("a storage whose record is missing");
+        }
         nbytes = (uint64_t)n->v.i;
         if (!(n->flags & SP_F_UNTYPED) &&
             nbytes > UINT64_MAX / sp_dtype_size(n->dtype))
@@ -467,12 +483,12 @@ static int check_records(load_state *st, PyObject *cpu_ok)
             if (e->method != 0)
                 FALLBACK("a compressed storage record"); /* mmap refused these already */
             if (e->size < nbytes && st->use_mmap) {
-                PyErr_Format(PyExc_RuntimeError,
-                             "invalid checkpoint: record %.*s holds %llu bytes but its pickle "
-                             "claims %llu; refusing to map it (the tensor would read the bytes "
-                             "that follow the record)",
-                             (int)e->name_len, (const char *)e->name,
-                             (unsigned long long)e->size, (unsigned long long)nbytes);
+                raise_runtime(
+                             "invalid checkpoint: record size %llu of '%.*s' is shorter than "
+                             "the %llu bytes its pickle claims; refusing to map it (the tensor "
+                             "would read the bytes that follow the record)",
+                             (unsigned long long)e->size, (int)e->name_len, (const char *)e->name,
+                             (unsigned long long)nbytes);
                 return -1;
             }
             if (e->size != nbytes && !st->use_mmap)
