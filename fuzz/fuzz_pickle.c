@@ -61,7 +61,9 @@ static void check_plan(const sp_plan *p, size_t size)
                 /* the engine promised this does not overflow */
                 for (unsigned d = 0; d < n->ndim; d++)
                     need += (uint64_t)str[d] * (uint64_t)(sz[d] - 1);
-                have = (uint64_t)s->v.i * ((s->flags & SP_F_UNTYPED) ? 1u : sp_dtype_size(s->dtype));
+                unsigned esz = (s->flags & SP_F_UNTYPED) ? 1u : sp_dtype_size(s->dtype);
+                have = (uint64_t)s->v.i > UINT64_MAX / esz ? UINT64_MAX : (uint64_t)s->v.i * esz;
+                CHECK(need <= UINT64_MAX / sp_dtype_size(n->dtype));
                 CHECK(need * sp_dtype_size(n->dtype) <= have);
             }
         }
