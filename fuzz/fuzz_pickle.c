@@ -78,12 +78,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     sp_plan plan;
     sp_error err;
     sp_zip_dir dir;
-    sp_code rc = sp_pickle_run(data, size, &plan, &err);
-    if (rc == SP_OK)
-        check_plan(&plan, size);
-    else
-        CHECK(err.code == rc && err.position <= size && memchr(err.message, 0, sizeof(err.message)));
-    sp_plan_free(&plan);
+    /* as a zip's data.pkl, and as the object pickle of a pre-1.6 file */
+    for (unsigned flags = 0; flags <= SP_RUN_LEGACY_IDS; flags++) {
+        sp_code rc = sp_pickle_run_ex(data, size, flags, &plan, &err);
+        if (rc == SP_OK)
+            check_plan(&plan, size);
+        else
+            CHECK(err.code == rc && err.position <= size &&
+                  memchr(err.message, 0, sizeof(err.message)));
+        sp_plan_free(&plan);
+    }
 
     /* the same bytes as the end of a zip file, and as its central directory */
     if (sp_zip_find_dir(data, size, size, &dir, &err) == SP_OK) {

@@ -55,6 +55,22 @@ def main() -> None:
     }
     for name, data in hand.items():
         open(os.path.join(OUT, name), "wb").write(data)
+    # pre-1.6 files, and their object pickles (persistent ids with a sixth item)
+    import pickletools
+
+    x = torch.arange(6.0).view(2, 3)
+    for name, obj in {"legacy_views": {"a": x, "b": x[1]},
+                      "legacy_param": {"p": torch.nn.Parameter(torch.ones(2))},
+                      "legacy_sd": torch.nn.Linear(2, 2).state_dict()}.items():
+        buf = io.BytesIO()
+        torch.save(obj, buf, _use_new_zipfile_serialization=False)
+        f = io.BytesIO(buf.getvalue())
+        for _ in range(3):
+            pickletools.dis(f, out=io.StringIO())
+        start = f.tell()
+        pickletools.dis(f, out=io.StringIO())
+        open(os.path.join(OUT, f"{name}.pkl"), "wb").write(buf.getvalue()[start : f.tell()])
+        open(os.path.join(OUT, f"{name}.pt"), "wb").write(buf.getvalue())
     # a pickle torch itself writes for a plain dict, by the standard pickler
     open(os.path.join(OUT, "std_pickle.pkl"), "wb").write(pickle.dumps(OrderedDict(a=[1, 2.0, "x"]), protocol=2))
 
