@@ -343,6 +343,8 @@ def _neither(head: bytes, err: BaseException) -> bool:
         return False
     if head[257:262] == b"ustar":
         return False
+    if head.startswith(b"L%d" % _ser.MAGIC_NUMBER):  # pre-1.6 with pickle protocol 0 or 1
+        return False
     if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in str(err):
         return False
     return not isinstance(err, (RuntimeError, OSError, MemoryError, KeyboardInterrupt))
