@@ -14,12 +14,13 @@ import inspect
 import io
 import os
 import pickle
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple
+import stat
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.serialization as _ser
 
-from . import _C, _checkpoint, _core
+from . import _C, _checkpoint, _core, _source
 from ._core import SafetensorError
 
 FORMATS = ("safetensors", "pickle")
@@ -177,13 +178,13 @@ def _finish(reader: "_C.Reader", map_location: Any) -> Any:
 
 
 def _open_path(f: Any) -> Tuple[int, bool]:
-    """Opens a path once and says whether its bytes are safetensors."""
-    fd = os.open(os.fspath(f), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        st = os.fstat(fd)
-        import stat as _stat
+    """Opens a path once and says whether its bytes are safetensors.
 
-        if not _stat.S_ISREG(st.st_mode):
+    A FIFO or a socket is refused at once (torch cannot load one either: it would wait
+    for a writer, then fail to seek); a device is left to torch, as before."""
+    fd, st = _source.open_path(f)
+    try:
+        if not stat.S_ISREG(st.st_mode):
             return fd, False
         head = os.pread(fd, _SNIFF_BYTES, 0)
         return fd, _C.sniff(head, st.st_size)
@@ -194,7 +195,9 @@ def _open_path(f: Any) -> Tuple[int, bool]:
 
 def _fileobj_source(f: Any) -> Optional[Tuple[int, int, Any]]:
     """For a seekable binary file object holding safetensors at its position:
-    (position, size, fd or None). None when it is not safetensors."""
+    (position, size, fd or None). None when it is not safetensors.
+
+    Positions come from ``tell()``: some wrappers' ``seek()`` returns None."""
     try:
         if not f.seekable():
             return None
@@ -202,14 +205,19 @@ def _fileobj_source(f: Any) -> Optional[Tuple[int, int, Any]]:
         return None
     pos = f.tell()
     head = f.read(_SNIFF_BYTES)
-    end = f.seek(0, io.SEEK_END)
+    f.seek(0, io.SEEK_END)
+    end = f.tell()
     f.seek(pos)
-    if not isinstance(head, (bytes, bytearray)) or not _C.sniff(bytes(head), end - pos):
+    if not isinstance(pos, int) or not isinstance(end, int) or end < pos:
+        return None
+    if not isinstance(head, (bytes, bytearray)) or not _C.sniff(bytes(head[:_SNIFF_BYTES]), end - pos):
         return None
     fd = None
     try:
         fd = f.fileno()
-    except (AttributeError, OSError, io.UnsupportedOperation):
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        fd = None
+    if not isinstance(fd, int):
         fd = None
     return pos, end - pos, fd
 
@@ -256,21 +264,21 @@ def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any
     if format != "pickle":
         if _is_path(f):
             if os.path.isdir(f):
-                return _load_sharded(f, map_location, mmap)
+                return _load_sharded(f, map_location, mmap, a.get("weights_only"))
             fd, is_st = _open_path(f)
             try:
                 if is_st:
                     reader = _C.Reader(fd=fd, mmap=mmap is not False)
                     return _finish(reader, map_location)
                 if _is_sharded_index(f, fd):
-                    return _load_sharded(f, map_location, mmap)
+                    return _load_sharded(f, map_location, mmap, a.get("weights_only"))
                 if format == "safetensors":
                     # the strict reader says which rule the file breaks
                     return _finish(_C.Reader(fd=fd, mmap=mmap is not False), map_location)
                 # torch would hand any "*.safetensors" path to another reader by its
                 # name: give torch the same open file under a neutral name instead
                 target = f"/proc/self/fd/{fd}" if _has_safetensors_suffix(f) else f
-                if mmap:
+                if _maps_legacy(mmap):
                     _check_zip_records(fd)
                 try:
                     return _legacy(target, bound)
@@ -349,33 +357,65 @@ def _claimed_storage_bytes(data_pkl: bytes) -> Dict[str, int]:
     return claims
 
 
+def _maps_legacy(mmap: Optional[bool]) -> bool:
+    """Whether torch's loader will map a zip checkpoint: mmap=True, or mmap left unset
+    with torch's global ``torch.utils.serialization.config.load.mmap`` on."""
+    if mmap is None:
+        try:
+            from torch.utils.serialization import config
+        except ImportError:
+            return False
+        return bool(getattr(config.load, "mmap", False))
+    return bool(mmap)
+
+
 def _check_zip_records(fd: int) -> None:
     """Refuses a zip checkpoint whose storage records are shorter than its pickle says.
 
     torch.load(mmap=True) slices storages out of the mapped file by the sizes the pickle
     claims without checking the records (torch 2.13), so a short record would fill a
-    tensor from the bytes after it. Anything this check cannot read is left to torch."""
+    tensor from the bytes after it. The pickle is found as torch finds it: the archive
+    is the folder of the central directory's first entry, and names are matched without
+    regard to case (miniz's lookup); with several such members, each is checked.
+    Anything this check cannot read is left to torch."""
     import zipfile
+
+    def refuse(msg: str) -> RuntimeError:
+        return RuntimeError(f"invalid checkpoint: {msg}; refusing to map it (mmap=True would "
+                            "read the bytes that follow the record)")
 
     try:
         with os.fdopen(os.dup(fd), "rb") as fobj, zipfile.ZipFile(fobj) as z:
-            names = [n for n in z.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
-            if len(names) != 1:
-                return
-            prefix = names[0][: -len("data.pkl")]
-            claims = _claimed_storage_bytes(z.read(names[0]))
-            sizes = {i.filename: i.file_size for i in z.infolist()}
+            infos = z.infolist()
+            if not infos or "/" not in infos[0].filename:
+                return  # torch refuses an archive without a top-level folder itself
+            prefix = infos[0].filename.split("/", 1)[0] + "/"
+            by_name: Dict[str, List[zipfile.ZipInfo]] = {}
+            for info in infos:
+                by_name.setdefault(info.filename.lower(), []).append(info)
+            # zip readers disagree on which of two same-named members wins: every one
+            # that the weights_only unpickler reads is checked (torch refuses the others)
+            claims: Dict[str, int] = {}
+            for info in by_name.get((prefix + "data.pkl").lower(), []):
+                try:
+                    found = _claimed_storage_bytes(z.read(info))
+                except Exception:  # noqa: BLE001 - torch's unpickler refuses it too
+                    continue
+                for key, nbytes in found.items():
+                    claims[key] = max(claims.get(key, 0), nbytes)
     except Exception:  # noqa: BLE001 - not a zip this check understands: torch decides
         return
     for key, nbytes in claims.items():
         record = f"{prefix}data/{key}"
-        have = sizes.get(record)
-        if have is None or have < nbytes:
-            raise RuntimeError(
-                f"invalid checkpoint: record size {have} of {record!r} does not match the "
-                f"{nbytes} bytes its pickle claims; refusing to map it (mmap=True would "
-                "read the bytes that follow the record)"
-            )
+        found = by_name.get(record.lower(), [])
+        if not found:
+            raise refuse(f"no record {record!r} for the {nbytes} bytes its pickle claims")
+        for info in found:
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise refuse(f"record {record!r} is compressed, and would be mapped as if it were the data")
+            if info.file_size < nbytes:
+                raise refuse(f"record size {info.file_size} of {record!r} does not match the "
+                             f"{nbytes} bytes its pickle claims")
 
 
 def _tell(f: Any) -> Optional[int]:
@@ -406,18 +446,18 @@ def _neither(head: bytes, err: BaseException) -> bool:
 
 
 def _is_sharded_index(f: Any, fd: int) -> bool:
-    """Whether a file that is not safetensors is an index: by name, or JSON by content
-    (a pickle never starts with '{')."""
-    from . import _sharded
+    """Whether a file that is not safetensors is an index (safetensors or legacy ``.bin``
+    shards): by name, or JSON by content (a pickle never starts with '{')."""
+    name = _source.fspath(f)
+    return (name.endswith(_source.INDEX_SUFFIX) or name.endswith(_source.LEGACY_INDEX_SUFFIX)
+            or _source.is_index_head(os.pread(fd, 64, 0)))
 
-    name = os.fsdecode(os.fspath(f))
-    return name.endswith(_sharded.INDEX_SUFFIX) or _sharded.is_index_head(os.pread(fd, 64, 0))
 
-
-def _load_sharded(f: Any, map_location: Any, mmap: Optional[bool]) -> Any:
+def _load_sharded(f: Any, map_location: Any, mmap: Optional[bool], weights_only: Optional[bool] = None) -> Any:
     from . import _sharded  # imported here: _sharded builds on this module
 
-    return _sharded.load_sharded(f, map_location=map_location, mmap=mmap)
+    return _sharded.load_sharded(f, map_location=map_location, mmap=mmap,
+                                 weights_only=weights_only is not False)
 
 
 # ---- the legacy path ----
