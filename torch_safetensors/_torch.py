@@ -15,12 +15,14 @@ import io
 import os
 import pickle
 import stat
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+import warnings
+from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.serialization as _ser
 
-from . import _C, _checkpoint, _core, _source
+from . import _C, _checkpoint, _core, _default, _source
+from . import _legacy as _legacy_reader
 from ._core import SafetensorError
 
 FORMATS = ("safetensors", "pickle")
@@ -278,10 +280,8 @@ def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any
                 # torch would hand any "*.safetensors" path to another reader by its
                 # name: give torch the same open file under a neutral name instead
                 target = f"/proc/self/fd/{fd}" if _has_safetensors_suffix(f) else f
-                if _maps_legacy(mmap):
-                    _check_zip_records(fd)
                 try:
-                    return _legacy(target, bound)
+                    return _legacy_reader.load_path(fd, bound, lambda: _legacy(target, bound))
                 except Exception as e:
                     if not _neither(os.pread(fd, 512, 0), e):
                         raise
@@ -330,92 +330,6 @@ def _explained(torch_error: BaseException) -> Iterator[None]:
         )
         err.position = e.position
         raise err from torch_error
-
-
-def _claimed_storage_bytes(data_pkl: bytes) -> Dict[str, int]:
-    """Bytes each storage record must hold, by key, from a zip checkpoint's pickle.
-
-    The pickle is run through torch's weights_only unpickler with storages on the meta
-    device: no data is read and nothing outside its allowlist can run."""
-    from torch import _weights_only_unpickler as wou
-
-    claims: Dict[str, int] = {}
-
-    def persistent_load(saved_id: Any) -> Any:
-        typename, storage_type, key, _location, numel = saved_id
-        if typename not in ("storage", b"storage"):
-            raise pickle.UnpicklingError(f"unknown persistent id {typename!r}")
-        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
-        nbytes = int(numel) * torch._utils._element_size(dtype)
-        claims[str(key)] = max(claims.get(str(key), 0), nbytes)
-        meta = torch.UntypedStorage(nbytes, device="meta")
-        return torch.storage.TypedStorage(wrap_storage=meta, dtype=dtype, _internal=True)
-
-    unpickler = wou.Unpickler(io.BytesIO(data_pkl), encoding="utf-8")
-    unpickler.persistent_load = persistent_load  # type: ignore[attr-defined]
-    unpickler.load()
-    return claims
-
-
-def _maps_legacy(mmap: Optional[bool]) -> bool:
-    """Whether torch's loader will map a zip checkpoint: mmap=True, or mmap left unset
-    with torch's global ``torch.utils.serialization.config.load.mmap`` on."""
-    if mmap is None:
-        try:
-            from torch.utils.serialization import config
-        except ImportError:
-            return False
-        return bool(getattr(config.load, "mmap", False))
-    return bool(mmap)
-
-
-def _check_zip_records(fd: int) -> None:
-    """Refuses a zip checkpoint whose storage records are shorter than its pickle says.
-
-    torch.load(mmap=True) slices storages out of the mapped file by the sizes the pickle
-    claims without checking the records (torch 2.13), so a short record would fill a
-    tensor from the bytes after it. The pickle is found as torch finds it: the archive
-    is the folder of the central directory's first entry, and names are matched without
-    regard to case (miniz's lookup); with several such members, each is checked.
-    Anything this check cannot read is left to torch."""
-    import zipfile
-
-    def refuse(msg: str) -> RuntimeError:
-        return RuntimeError(f"invalid checkpoint: {msg}; refusing to map it (mmap=True would "
-                            "read the bytes that follow the record)")
-
-    try:
-        with os.fdopen(os.dup(fd), "rb") as fobj, zipfile.ZipFile(fobj) as z:
-            infos = z.infolist()
-            if not infos or "/" not in infos[0].filename:
-                return  # torch refuses an archive without a top-level folder itself
-            prefix = infos[0].filename.split("/", 1)[0] + "/"
-            by_name: Dict[str, List[zipfile.ZipInfo]] = {}
-            for info in infos:
-                by_name.setdefault(info.filename.lower(), []).append(info)
-            # zip readers disagree on which of two same-named members wins: every one
-            # that the weights_only unpickler reads is checked (torch refuses the others)
-            claims: Dict[str, int] = {}
-            for info in by_name.get((prefix + "data.pkl").lower(), []):
-                try:
-                    found = _claimed_storage_bytes(z.read(info))
-                except Exception:  # noqa: BLE001 - torch's unpickler refuses it too
-                    continue
-                for key, nbytes in found.items():
-                    claims[key] = max(claims.get(key, 0), nbytes)
-    except Exception:  # noqa: BLE001 - not a zip this check understands: torch decides
-        return
-    for key, nbytes in claims.items():
-        record = f"{prefix}data/{key}"
-        found = by_name.get(record.lower(), [])
-        if not found:
-            raise refuse(f"no record {record!r} for the {nbytes} bytes its pickle claims")
-        for info in found:
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise refuse(f"record {record!r} is compressed, and would be mapped as if it were the data")
-            if info.file_size < nbytes:
-                raise refuse(f"record size {info.file_size} of {record!r} does not match the "
-                             f"{nbytes} bytes its pickle claims")
 
 
 def _tell(f: Any) -> Optional[int]:
@@ -499,10 +413,47 @@ def save(
         _SAVE_SIG.bind(obj, f, *args, **kwargs)  # torch's own arguments still checked
         save_safetensors(obj, f, metadata, durable=durable)
         return
+    if format is None and _default.get_default_format() == "safetensors":
+        _SAVE_SIG.bind(obj, f, *args, **kwargs)
+        if _save_by_default(obj, f, metadata, durable):
+            return
+        metadata, durable = None, False  # the fallback: torch's own format below
     if metadata is not None or durable:
         raise ValueError("metadata and durable apply only with format='safetensors'")
     assert _orig_save is not None
     _orig_save(obj, f, *args, **kwargs)
+
+
+def _target_name(f: Any) -> str:
+    if _is_path(f):
+        return repr(os.fsdecode(os.fspath(f)))
+    name = getattr(f, "name", None)
+    return repr(name) if isinstance(name, (str, bytes)) else f"a {type(f).__name__}"
+
+
+def _save_by_default(obj: Any, f: Any, metadata: Optional[Dict[str, str]], durable: bool) -> bool:
+    """Saves as safetensors because that is the default format. False when the object
+    cannot be stored and the fallback to pickle is on (nothing was written: paths are
+    written atomically and file objects only after the whole file is built)."""
+    try:
+        save_safetensors(obj, f, metadata, durable=durable)
+        return True
+    except TypeError as e:
+        if not (_is_path(f) or hasattr(f, "write")):
+            raise
+        if _default.fallback() != "pickle":
+            raise TypeError(
+                f"{e}\n(torch.save writes safetensors because the default format is "
+                f"safetensors ({_default.ENV_FORMAT} or set_default_format); pass "
+                f"format='pickle' to this call, or set {_default.ENV_FALLBACK}=pickle to "
+                "write pickle whenever an object cannot be stored)"
+            ) from None
+        warnings.warn(
+            f"torch.save to {_target_name(f)} wrote pickle, not safetensors: {e}",
+            _default.PickleFallbackWarning,
+            stacklevel=4,
+        )
+        return False
 
 
 # ---- signatures and docs ----
@@ -512,8 +463,10 @@ _SAVE_DOC = """
 torch_safetensors adds:
     format (str, optional, keyword-only): ``"safetensors"`` writes a standard
         safetensors file (atomically, for paths); ``"pickle"`` forces torch's own
-        format; ``None`` (default) keeps torch's format, except for paths ending in
-        ``.safetensors``, which are written as safetensors.
+        format; ``None`` (default) writes the default format (torch's, unless
+        ``TORCH_SAFETENSORS_FORMAT=safetensors`` or
+        ``torch_safetensors.set_default_format("safetensors")``), except for paths
+        ending in ``.safetensors``, which are always written as safetensors.
     metadata (dict[str, str], optional, keyword-only): extra header metadata for
         safetensors files (``{"format": "pt"}`` is always written).
     durable (bool, keyword-only): with safetensors, flush the data and the directory
