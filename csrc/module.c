@@ -345,13 +345,18 @@ static PyObject *Reader_alloc(PyTypeObject *type)
     return (PyObject *)r;
 }
 
+#define ST_MAP_HINT                                                                  \
+    ": the process is out of address space or has reached its limit of mappings "   \
+    "(vm.max_map_count, see /proc/sys/vm/max_map_count); load with mmap=False to "   \
+    "read the data into memory instead"
+
 /* Maps (or reads the header of) and validates an open file. fd is the Reader's
  * from here on when owned; a borrowed fd is never closed (dup'ed when kept). */
 static int Reader_open_fd(Reader *r, int fd, int owned, int use_mmap)
 {
     st_error err;
     st_code rc = ST_OK;
-    int sys_errno = 0;
+    int sys_errno = 0, map_failed = 0;
     uint64_t size = 0, n = 0;
     uint8_t prefix[8];
     uint8_t *hdr = NULL;
@@ -362,28 +367,17 @@ static int Reader_open_fd(Reader *r, int fd, int owned, int use_mmap)
         sys_errno = errno;
     } else if (size < ST_PREFIX_LEN) {
         rc = st_read_prefix(prefix, 0, size, &n, &err);
-    } else if (use_mmap) {
-        if (size > SIZE_MAX) {
-            sys_errno = EFBIG;
-        } else {
-            r->blob = st_blob_map(fd, (size_t)size);
-            if (!r->blob)
-                sys_errno = errno;
-            else
-                rc = st_parse(r->blob->base, r->blob->len, &r->table, &err);
-        }
-        /* tensors are served from this mapping; the file is never reopened */
-        if (owned)
-            close(fd);
-        owned = 0;
-        fd = -1;
+    } else if (use_mmap && size > SIZE_MAX) {
+        sys_errno = EFBIG;
     } else {
-        if (!owned) {
+        if (!owned && !use_mmap) {
             fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
             owned = fd >= 0;
             if (fd < 0)
                 sys_errno = errno;
         }
+        /* the header is copied out with pread and parsed there, also when mapping:
+         * a file truncated while we parse gives ENODATA, never SIGBUS */
         if (sys_errno) {
             /* nothing to read from */
         } else if (st_pread_all(fd, prefix, sizeof(prefix), 0) != 0) {
@@ -399,6 +393,20 @@ static int Reader_open_fd(Reader *r, int fd, int owned, int use_mmap)
                 rc = st_parse_header(hdr, (size_t)n, size, &r->table, &err);
             free(hdr);
         }
+        if (use_mmap) {
+            if (!sys_errno && rc == ST_OK) {
+                r->blob = st_blob_map(fd, (size_t)size);
+                if (!r->blob) {
+                    sys_errno = errno;
+                    map_failed = 1;
+                }
+            }
+            /* tensors are served from this mapping; the file is never reopened */
+            if (owned)
+                close(fd);
+            owned = 0;
+            fd = -1;
+        }
     }
     Py_END_ALLOW_THREADS
 
@@ -406,7 +414,14 @@ static int Reader_open_fd(Reader *r, int fd, int owned, int use_mmap)
     if (sys_errno || rc != ST_OK) {
         if (owned && fd >= 0)
             close(fd);
-        if (sys_errno == ENOMEM)
+        if (sys_errno == ENOMEM && map_failed && r->path)
+            /* mmap's ENOMEM is most often the per-process map count, not memory */
+            PyErr_Format(PyExc_MemoryError, "cannot map %S (%llu bytes)" ST_MAP_HINT, r->path,
+                         (unsigned long long)size);
+        else if (sys_errno == ENOMEM && map_failed)
+            PyErr_Format(PyExc_MemoryError, "cannot map the file (%llu bytes)" ST_MAP_HINT,
+                         (unsigned long long)size);
+        else if (sys_errno == ENOMEM)
             PyErr_NoMemory();
         else if (sys_errno == ENODATA)
             raise_safetensor(PyUnicode_FromString(

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Text
 
 import torch
 
-from . import _C, _checkpoint, _core, _sharded, _torch
+from . import _C, _checkpoint, _core, _sharded, _source, _torch
 from ._core import SafetensorError
 
 __all__ = ["main", "EXIT_OK", "EXIT_INVALID", "EXIT_USAGE", "EXIT_IO", "EXIT_REFUSED"]
@@ -340,6 +340,7 @@ def _refusal_reason(err: BaseException) -> str:
 
 def _load_legacy(src: str) -> Any:
     """Loads src with weights_only=True only; never runs code from it."""
+    os.close(_source.open_regular(src)[0])  # a FIFO or a device is refused, never waited on
     mmap = zipfile.is_zipfile(src)  # torch maps only zip checkpoints
     try:
         return torch.load(src, map_location="cpu", weights_only=True, mmap=mmap)

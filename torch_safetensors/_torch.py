@@ -14,13 +14,14 @@ import inspect
 import io
 import os
 import pickle
+import stat
 import warnings
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.serialization as _ser
 
-from . import _C, _checkpoint, _core, _default
+from . import _C, _checkpoint, _core, _default, _source
 from . import _legacy as _legacy_reader
 from ._core import SafetensorError
 
@@ -179,13 +180,13 @@ def _finish(reader: "_C.Reader", map_location: Any) -> Any:
 
 
 def _open_path(f: Any) -> Tuple[int, bool]:
-    """Opens a path once and says whether its bytes are safetensors."""
-    fd = os.open(os.fspath(f), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        st = os.fstat(fd)
-        import stat as _stat
+    """Opens a path once and says whether its bytes are safetensors.
 
-        if not _stat.S_ISREG(st.st_mode):
+    A FIFO or a socket is refused at once (torch cannot load one either: it would wait
+    for a writer, then fail to seek); a device is left to torch, as before."""
+    fd, st = _source.open_path(f)
+    try:
+        if not stat.S_ISREG(st.st_mode):
             return fd, False
         head = os.pread(fd, _SNIFF_BYTES, 0)
         return fd, _C.sniff(head, st.st_size)
@@ -196,7 +197,9 @@ def _open_path(f: Any) -> Tuple[int, bool]:
 
 def _fileobj_source(f: Any) -> Optional[Tuple[int, int, Any]]:
     """For a seekable binary file object holding safetensors at its position:
-    (position, size, fd or None). None when it is not safetensors."""
+    (position, size, fd or None). None when it is not safetensors.
+
+    Positions come from ``tell()``: some wrappers' ``seek()`` returns None."""
     try:
         if not f.seekable():
             return None
@@ -204,14 +207,19 @@ def _fileobj_source(f: Any) -> Optional[Tuple[int, int, Any]]:
         return None
     pos = f.tell()
     head = f.read(_SNIFF_BYTES)
-    end = f.seek(0, io.SEEK_END)
+    f.seek(0, io.SEEK_END)
+    end = f.tell()
     f.seek(pos)
-    if not isinstance(head, (bytes, bytearray)) or not _C.sniff(bytes(head), end - pos):
+    if not isinstance(pos, int) or not isinstance(end, int) or end < pos:
+        return None
+    if not isinstance(head, (bytes, bytearray)) or not _C.sniff(bytes(head[:_SNIFF_BYTES]), end - pos):
         return None
     fd = None
     try:
         fd = f.fileno()
-    except (AttributeError, OSError, io.UnsupportedOperation):
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        fd = None
+    if not isinstance(fd, int):
         fd = None
     return pos, end - pos, fd
 
@@ -258,14 +266,14 @@ def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any
     if format != "pickle":
         if _is_path(f):
             if os.path.isdir(f):
-                return _load_sharded(f, map_location, mmap)
+                return _load_sharded(f, map_location, mmap, a.get("weights_only"))
             fd, is_st = _open_path(f)
             try:
                 if is_st:
                     reader = _C.Reader(fd=fd, mmap=mmap is not False)
                     return _finish(reader, map_location)
                 if _is_sharded_index(f, fd):
-                    return _load_sharded(f, map_location, mmap)
+                    return _load_sharded(f, map_location, mmap, a.get("weights_only"))
                 if format == "safetensors":
                     # the strict reader says which rule the file breaks
                     return _finish(_C.Reader(fd=fd, mmap=mmap is not False), map_location)
@@ -354,18 +362,18 @@ def _neither(head: bytes, err: BaseException) -> bool:
 
 
 def _is_sharded_index(f: Any, fd: int) -> bool:
-    """Whether a file that is not safetensors is an index: by name, or JSON by content
-    (a pickle never starts with '{')."""
-    from . import _sharded
+    """Whether a file that is not safetensors is an index (safetensors or legacy ``.bin``
+    shards): by name, or JSON by content (a pickle never starts with '{')."""
+    name = _source.fspath(f)
+    return (name.endswith(_source.INDEX_SUFFIX) or name.endswith(_source.LEGACY_INDEX_SUFFIX)
+            or _source.is_index_head(os.pread(fd, 64, 0)))
 
-    name = os.fsdecode(os.fspath(f))
-    return name.endswith(_sharded.INDEX_SUFFIX) or _sharded.is_index_head(os.pread(fd, 64, 0))
 
-
-def _load_sharded(f: Any, map_location: Any, mmap: Optional[bool]) -> Any:
+def _load_sharded(f: Any, map_location: Any, mmap: Optional[bool], weights_only: Optional[bool] = None) -> Any:
     from . import _sharded  # imported here: _sharded builds on this module
 
-    return _sharded.load_sharded(f, map_location=map_location, mmap=mmap)
+    return _sharded.load_sharded(f, map_location=map_location, mmap=mmap,
+                                 weights_only=weights_only is not False)
 
 
 # ---- the legacy path ----
