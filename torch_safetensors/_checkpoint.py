@@ -43,7 +43,7 @@ MAX_DEPTH = 200  # nesting of containers, on save and on load
 # The decoder's memory budget: what rebuilding a structure may cost, estimated before
 # parsing from the text's tokens and counted while building.
 BUDGET_FACTOR = 4
-BUDGET_FLOOR = 64 << 20
+BUDGET_FLOOR = 256 << 20
 
 _Parameter = torch.nn.Parameter
 _PLAIN = (type(None), bool, int, float, str)
@@ -835,8 +835,8 @@ class _Builder:
         return slice(*self.seq(self.arity(body, 3, "slice"), depth, "slice"))
 
     def size_node(self, body: Any, depth: int) -> Any:
-        if type(body) is not list or any(type(n) is not int for n in body):
-            raise _bad("a torch.Size is not a list of ints")
+        if type(body) is not list or any(type(n) is not int or not -(1 << 63) <= n < 1 << 63 for n in body):
+            raise _bad("a torch.Size is not a list of 64-bit ints")
         try:
             return torch.Size(body)
         except (RuntimeError, OverflowError, TypeError) as e:
@@ -1024,7 +1024,7 @@ def unflatten(
     Raises:
         SafetensorError: the structure metadata is malformed, refers to a tensor that the
             file does not hold, would exceed the decoder's memory budget
-            (``max(4 x its size, 64 MiB)``), or names a class or function that this process
+            (``max(4 x its size, 256 MiB)``), or names a class or function that this process
             has not allowed (code ``"not_allowed"``).
     """
     text = (metadata or {}).get(STRUCTURE_KEY)
