@@ -815,3 +815,41 @@ def test_fuzzed_structures_give_a_value_or_safetensor_error(root):
             _checkpoint.unflatten(dict(tensors), {STRUCTURE_KEY: text})
         except SafetensorError:
             pass
+
+
+# ---- inspect shows the whole checkpoint as a tree (issue 14 point 6) ----
+
+
+def test_inspect_tree_text_and_json(tmp_path, capsys):
+    from torch_safetensors import _cli
+
+    w = torch.ones(2, 3)
+    obj = {"model": {"w": w, "tied": w}, "epoch": 3, "args": Config(0.1, pathlib.Path("x")),
+           "rng": np.random.get_state(), "sp": torch.eye(2).to_sparse(), "keys": {(1, 2): {1}}}
+    p = tmp_path / "c.safetensors"
+    torch.save(obj, p, format="safetensors")
+    assert _cli.main(["inspect", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint tree" in out
+    assert "w: tensor F32 [2, 3]  (model.w)" in out
+    assert f"args: object {__name__}.Config" in out
+    assert "epoch: int 3" in out and "sp: tensor (sparse_coo)" in out
+    assert "tie: model.w is referenced at model.w, model.tied" in out
+    assert _cli.main(["inspect", "--json", str(p)]) == 0
+    tree = json.loads(capsys.readouterr().out)["files"][0]["tree"]
+    assert tree["ties"] == {"model.w": ["model.w", "model.tied"]}
+    items = {i["key"]: i["value"] for i in tree["root"]["items"]}
+    assert items["model"]["items"][0]["value"] == {"type": "tensor", "name": "model.w", "dtype": "F32",
+                                                   "shape": [2, 3]}
+    assert items["args"]["type"] == "object" and items["args"]["class"] == f"{__name__}.Config"
+    assert items["rng"]["type"] == "tuple" and items["rng"]["items"][1]["type"] == "numpy.ndarray"
+
+
+def test_inspect_tree_of_a_hostile_structure_reports_and_lists_tensors(tmp_path, capsys):
+    from torch_safetensors import _cli
+
+    p = tmp_path / "h.safetensors"
+    p.write_bytes(_crafted("{\"version\":2,\"root\":" + '{"tk":"complex","data":' * 3000 + "1" + "}" * 3001))
+    assert _cli.main(["inspect", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoint tree: invalid" in out and "w  " in out
