@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import pickle
+import shutil
 import sys
 import tempfile
 import threading
@@ -489,12 +490,27 @@ def _mib(n: int) -> str:
 
 
 def demo(out: Optional[str] = None) -> int:
-    """Trains a tiny model, saves and loads it both ways, and shows a refused payload."""
+    """Trains a tiny model, saves and loads it both ways, and shows a refused payload.
+
+    Writes into ``out`` (kept), or into a new temporary directory that is removed at
+    the end, whatever happens.
+    """
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+        print(f"writing the demo's files into {out} (kept afterwards)")
+        return _demo(out)
+    work = tempfile.mkdtemp(prefix="torch_safetensors_demo_")
+    print(f"writing the demo's files into {work} (removed at the end)")
+    try:
+        return _demo(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        print(f"removed {work}")
+
+
+def _demo(work: str) -> int:
     torch.manual_seed(0)
-    work = out or tempfile.mkdtemp(prefix="torch_safetensors_demo_")
-    os.makedirs(work, exist_ok=True)
-    print(f"torch {torch.__version__}, torch_safetensors {_version()}")
-    print(f"working in {work}\n")
+    print(f"torch {torch.__version__}, torch_safetensors {_version()}\n")
 
     # 1. train a tiny model for a few steps
     def make_model() -> torch.nn.Module:
@@ -621,6 +637,8 @@ def build_parser(prog: str = _PROG) -> argparse.ArgumentParser:
         epilog=EXIT_STATUSES,
         formatter_class=fmt,
     )
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {_version()} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_Parser)
 
