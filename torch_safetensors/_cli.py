@@ -191,11 +191,19 @@ def _describe_file(path: str, reader: Optional["_C.Reader"] = None, *, check: bo
             dtype, shape, begin, end = reader.info(name)
             tensors.append({"name": name, "dtype": dtype, "shape": list(shape),
                             "bytes": end - begin, "offset": begin, "file": path})
-        return {
+        meta = reader.metadata() or {}
+        out = {
             "file": {"path": path, "size": reader.file_size, "header_size": reader.data_start,
-                     "tensors": len(tensors), "metadata": reader.metadata() or {}},
+                     "tensors": len(tensors), "metadata": meta},
             "tensors": tensors,
         }
+        if _checkpoint.STRUCTURE_KEY in meta:  # a whole checkpoint: its tree (issue 14)
+            try:
+                out["file"]["tree"] = _checkpoint.describe(meta[_checkpoint.STRUCTURE_KEY],
+                                                           {t["name"]: t for t in tensors})
+            except SafetensorError as e:
+                out["file"]["tree_error"] = str(e)
+        return out
     finally:
         reader.close()
 
@@ -272,6 +280,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print()
     file_bytes = sum(f["size"] for f in desc["files"])
     header_bytes = sum(f["header_size"] for f in desc["files"])
+    for f in desc["files"]:
+        if "tree_error" in f:
+            print(f"checkpoint tree: {_one_line(f['tree_error'])}\n")
+        if "tree" in f:
+            print(f"checkpoint tree ({os.path.basename(f['path'])}, structure version {f['tree']['version']}):")
+            for line in _checkpoint.tree_lines(f["tree"]):
+                print(f"  {_shown(line)}")
+            print()
     print(f"total: {desc['total_tensors']:,} tensors, {desc['total_bytes']:,} bytes of data "
           f"({_human(desc['total_bytes'])}); headers {header_bytes:,} bytes; "
           f"file{'s' if sharded else ''} {file_bytes:,} bytes")
