@@ -169,10 +169,12 @@ def _read_tensors(reader: "_C.Reader", map_location: Any) -> Dict[str, torch.Ten
     return _core.move(_core.build(reader, None, where), dev)
 
 
-def _finish(reader: "_C.Reader", map_location: Any) -> Any:
+def _finish(reader: "_C.Reader", map_location: Any, trusted: bool = False) -> Any:
+    """trusted: the caller passed weights_only=False, so the classes a checkpoint names
+    are rebuilt without the allowlist."""
     try:
         tensors = _read_tensors(reader, map_location)
-        return _checkpoint.unflatten(tensors, reader.metadata())
+        return _checkpoint.unflatten(tensors, reader.metadata(), trusted=trusted)
     finally:
         reader.close()
 
@@ -215,7 +217,8 @@ def _fileobj_source(f: Any) -> Optional[Tuple[int, int, Any]]:
     return pos, end - pos, fd
 
 
-def load_safetensors_fileobj(f: Any, map_location: Any, mmap: Optional[bool], src: Tuple[int, int, Any]) -> Any:
+def load_safetensors_fileobj(f: Any, map_location: Any, mmap: Optional[bool], src: Tuple[int, int, Any],
+                             trusted: bool = False) -> Any:
     pos, size, fd = src
     if fd is not None and pos == 0 and os.fstat(fd).st_size == size:
         reader = _C.Reader(fd=fd, mmap=mmap is not False)
@@ -228,7 +231,7 @@ def load_safetensors_fileobj(f: Any, map_location: Any, mmap: Optional[bool], sr
     else:
         reader = _C.Reader(data=f.read(size))
     f.seek(pos + size)
-    return _finish(reader, map_location)
+    return _finish(reader, map_location, trusted)
 
 
 def _weights_only_hint(err: BaseException) -> str:
@@ -253,6 +256,7 @@ def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any
     a = bound.arguments
     map_location = a.get("map_location")
     mmap = a.get("mmap")
+    trusted = a.get("weights_only") is False  # the caller trusts the file, as with pickle
 
     if format != "pickle":
         if _is_path(f):
@@ -262,12 +266,12 @@ def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any
             try:
                 if is_st:
                     reader = _C.Reader(fd=fd, mmap=mmap is not False)
-                    return _finish(reader, map_location)
+                    return _finish(reader, map_location, trusted)
                 if _is_sharded_index(f, fd):
                     return _load_sharded(f, map_location, mmap)
                 if format == "safetensors":
                     # the strict reader says which rule the file breaks
-                    return _finish(_C.Reader(fd=fd, mmap=mmap is not False), map_location)
+                    return _finish(_C.Reader(fd=fd, mmap=mmap is not False), map_location, trusted)
                 # torch would hand any "*.safetensors" path to another reader by its
                 # name: give torch the same open file under a neutral name instead
                 target = f"/proc/self/fd/{fd}" if _has_safetensors_suffix(f) else f
@@ -288,12 +292,12 @@ def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any
         elif hasattr(f, "read"):
             src = _fileobj_source(f)
             if src is not None:
-                return load_safetensors_fileobj(f, map_location, mmap, src)
+                return load_safetensors_fileobj(f, map_location, mmap, src, trusted)
             pos = _tell(f)
             if format == "safetensors":
                 if pos is None:
                     raise _core.error("the file object does not hold a safetensors file", "not_safetensors")
-                return _finish(_C.Reader(data=f.read()), map_location)
+                return _finish(_C.Reader(data=f.read()), map_location, trusted)
             try:
                 return _legacy(f, bound)
             except Exception as e:
