@@ -449,7 +449,7 @@ def _save_by_default(obj: Any, f: Any, metadata: Optional[Dict[str, str]], durab
             raise
         if _default.fallback() != "pickle":
             raise TypeError(
-                f"{e}\n(torch.save writes safetensors because the default format is "
+                f"{e}\n(torch.save to {_target_name(f)} writes safetensors because the default format is "
                 f"safetensors ({_default.ENV_FORMAT} or set_default_format); pass "
                 f"format='pickle' to this call, or set {_default.ENV_FALLBACK}=pickle to "
                 "write pickle whenever an object cannot be stored)"
