@@ -240,7 +240,20 @@ def _weights_only_hint(err: BaseException) -> str:
         "  (2) or, if you trust the file, allowlist the classes it needs with "
         "torch.serialization.add_safe_globals([...]) (see the message above for their names);\n"
         "  (3) or pass weights_only=False explicitly, only for a file from a trusted source."
+        + _FORCE_NO_WEIGHTS_ONLY_NOTE * _force_no_weights_only_set()
     )
+
+
+_FORCE_NO_WEIGHTS_ONLY_NOTE = (
+    "\nTORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set in this environment: torch_safetensors "
+    "deliberately does not honour it, because a variable set once for one trusted file would "
+    "let every later file run code. Pass weights_only=False in the call instead."
+)
+
+
+def _force_no_weights_only_set() -> bool:
+    """Whether torch's TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set (we never honour it)."""
+    return os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in ("1", "y", "yes", "true")
 
 
 # ---- the wrappers ----
