@@ -59,6 +59,7 @@ def save_safetensors(
     *,
     durable: bool = False,
     parts: Optional[Tuple[Dict[str, torch.Tensor], Dict[str, str], bool]] = None,
+    checksums: bool = False,
 ) -> None:
     """Writes obj as a safetensors file to a path (atomically) or a writable binary file.
 
@@ -69,6 +70,8 @@ def save_safetensors(
         metadata: extra ``str`` -> ``str`` metadata; ``{"format": "pt"}`` is always added.
         durable: flush the data and the directory entry to stable storage.
         parts: ``_checkpoint.split(obj)``, when the caller already has it.
+        checksums: record each tensor's CRC32C in the header metadata, for
+            ``torch-safetensors verify --data`` (other readers ignore it).
 
     Raises:
         TypeError: obj holds something that is not a tensor (named by its key), or f
@@ -93,6 +96,10 @@ def save_safetensors(
     def write(tensors: Dict[str, torch.Tensor], extra: Dict[str, str], check_shared: bool) -> Any:
         meta = dict(base)
         meta.update(extra)
+        if checksums:
+            from . import _checksums
+
+            meta.update(_checksums.metadata_for(tensors))
         if path is not None:
             return _C.save(tensors, meta, path, durable=durable, check_shared=check_shared)
         # serialize first: a refused object writes nothing to the caller's file
@@ -465,15 +472,16 @@ def save(
     format: Optional[str] = None,
     metadata: Optional[Dict[str, str]] = None,
     durable: bool = False,
+    checksums: bool = False,
     **kwargs: Any,
 ) -> None:
     _check_format(format)
     if format == "safetensors" or (format is None and _has_safetensors_suffix(f)):
         _SAVE_SIG.bind(obj, f, *args, **kwargs)  # torch's own arguments still checked
-        save_safetensors(obj, f, metadata, durable=durable)
+        save_safetensors(obj, f, metadata, durable=durable, checksums=checksums)
         return
-    if metadata is not None or durable:
-        raise ValueError("metadata and durable apply only with format='safetensors'")
+    if metadata is not None or durable or checksums:
+        raise ValueError("metadata, durable and checksums apply only with format='safetensors'")
     assert _orig_save is not None
     _orig_save(obj, f, *args, **kwargs)
 
@@ -491,6 +499,8 @@ torch_safetensors adds:
         safetensors files (``{"format": "pt"}`` is always written).
     durable (bool, keyword-only): with safetensors, flush the data and the directory
         entry to stable storage before returning (off by default, as torch.save).
+    checksums (bool, keyword-only): with safetensors, record each tensor's CRC32C in
+        the header metadata, checked by ``torch-safetensors verify --data``.
 """
 
 _LOAD_DOC = """
@@ -525,8 +535,9 @@ def _make_wrappers() -> Tuple[Callable[..., Any], Callable[..., Any]]:
     @functools.wraps(_orig_save)
     def save_wrapper(obj: Any, f: Any, *args: Any, format: Optional[str] = None,
                      metadata: Optional[Dict[str, str]] = None, durable: bool = False,
-                     **kwargs: Any) -> None:
-        return save(obj, f, *args, format=format, metadata=metadata, durable=durable, **kwargs)
+                     checksums: bool = False, **kwargs: Any) -> None:
+        return save(obj, f, *args, format=format, metadata=metadata, durable=durable,
+                    checksums=checksums, **kwargs)
 
     @functools.wraps(_orig_load)
     def load_wrapper(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any:
@@ -538,6 +549,7 @@ def _make_wrappers() -> Tuple[Callable[..., Any], Callable[..., Any]]:
             _kwonly("format", None, Optional[str]),
             _kwonly("metadata", None, Optional[Dict[str, str]]),
             _kwonly("durable", False, bool),
+            _kwonly("checksums", False, bool),
         ],
     )
     load_wrapper.__signature__ = _extend_signature(  # type: ignore[attr-defined]
