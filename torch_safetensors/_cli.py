@@ -546,7 +546,7 @@ def _refusal_reason(err: BaseException) -> str:
     """What torch's weights_only unpickler refused, in one line: the class or global
     when it names one."""
     text = _ANSI.sub("", str(err))
-    m = re.search(r"GLOBAL ([\w.]+) was not an allowed global", text)
+    m = re.search(r"GLOBAL ([\w.]+)", text)
     if m:
         return (f"it needs {m.group(1)}, a class or function outside torch's weights_only "
                 "allowlist")
