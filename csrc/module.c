@@ -16,6 +16,7 @@
 #include "st_engine.h"
 #include "st_file.h"
 #include "legacy_module.h"
+#include "st_hash.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "torch_safetensors supports little-endian hosts only: the format stores little-endian data"
@@ -1750,7 +1751,37 @@ static PyObject *mod_live_mappings(PyObject *self, PyObject *unused)
     return PyLong_FromLong(st_blob_live());
 }
 
+/* ---- checksums ---- */
+
+/* crc32c(data, value=0, *, portable=False) -> int: CRC32C of a buffer, continuing from
+ * value; the GIL is released while it runs. */
+static PyObject *mod_crc32c(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"data", "value", "portable", NULL};
+    Py_buffer view;
+    unsigned long value = 0;
+    int portable = 0;
+    uint32_t crc;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*|k$p:crc32c", kwlist, &view, &value,
+                                     &portable))
+        return NULL;
+    if (value > 0xFFFFFFFFul) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "crc32c: value is a 32-bit checksum");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    crc = portable ? st_crc32c_portable((uint32_t)value, view.buf, (size_t)view.len)
+                   : st_crc32c((uint32_t)value, view.buf, (size_t)view.len);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLong(crc);
+}
+
 static PyMethodDef module_methods[] = {
+    {"crc32c", (PyCFunction)(void (*)(void))mod_crc32c, METH_VARARGS | METH_KEYWORDS,
+     "crc32c(data, value=0, *, portable=False) -> int: CRC32C of a buffer."},
     {"init", (PyCFunction)(void (*)(void))mod_init, METH_VARARGS | METH_KEYWORDS,
      "Finds libtorch's C ABI; returns the features found."},
     {"save", (PyCFunction)(void (*)(void))mod_save, METH_VARARGS | METH_KEYWORDS,
@@ -1778,6 +1809,7 @@ PyMODINIT_FUNC PyInit__C(void);
 
 PyMODINIT_FUNC PyInit__C(void)
 {
+    st_crc32c_init();
     PyObject *m = PyModule_Create(&module_def);
     if (!m)
         return NULL;

@@ -62,6 +62,7 @@ def save_safetensors(
     *,
     durable: bool = False,
     parts: Optional[Tuple[Dict[str, torch.Tensor], Dict[str, str], bool]] = None,
+    checksums: bool = False,
 ) -> None:
     """Writes obj as a safetensors file to a path (atomically) or a writable binary file.
 
@@ -72,6 +73,8 @@ def save_safetensors(
         metadata: extra ``str`` -> ``str`` metadata; ``{"format": "pt"}`` is always added.
         durable: flush the data and the directory entry to stable storage.
         parts: ``_checkpoint.split(obj)``, when the caller already has it.
+        checksums: record each tensor's CRC32C in the header metadata, for
+            ``torch-safetensors verify --data`` (other readers ignore it).
 
     Raises:
         TypeError: obj holds something that is not a tensor (named by its key), or f
@@ -96,6 +99,10 @@ def save_safetensors(
     def write(tensors: Dict[str, torch.Tensor], extra: Dict[str, str], check_shared: bool) -> Any:
         meta = dict(base)
         meta.update(extra)
+        if checksums:
+            from . import _checksums
+
+            meta.update(_checksums.metadata_for(tensors))
         if path is not None:
             return _C.save(tensors, meta, path, durable=durable, check_shared=check_shared)
         # serialize first: a refused object writes nothing to the caller's file
@@ -253,7 +260,20 @@ def _weights_only_hint(err: BaseException) -> str:
         "  (2) or, if you trust the file, allowlist the classes it needs with "
         "torch.serialization.add_safe_globals([...]) (see the message above for their names);\n"
         "  (3) or pass weights_only=False explicitly, only for a file from a trusted source."
+        + _FORCE_NO_WEIGHTS_ONLY_NOTE * _force_no_weights_only_set()
     )
+
+
+_FORCE_NO_WEIGHTS_ONLY_NOTE = (
+    "\nTORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set in this environment: torch_safetensors "
+    "deliberately does not honour it, because a variable set once for one trusted file would "
+    "let every later file run code. Pass weights_only=False in the call instead."
+)
+
+
+def _force_no_weights_only_set() -> bool:
+    """Whether torch's TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set (we never honour it)."""
+    return os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in ("1", "y", "yes", "true")
 
 
 # ---- the wrappers ----
@@ -412,20 +432,21 @@ def save(
     format: Optional[str] = None,
     metadata: Optional[Dict[str, str]] = None,
     durable: bool = False,
+    checksums: bool = False,
     **kwargs: Any,
 ) -> None:
     _check_format(format)
     if format == "safetensors" or (format is None and _has_safetensors_suffix(f)):
         _SAVE_SIG.bind(obj, f, *args, **kwargs)  # torch's own arguments still checked
-        save_safetensors(obj, f, metadata, durable=durable)
+        save_safetensors(obj, f, metadata, durable=durable, checksums=checksums)
         return
     if format is None and _default.get_default_format() == "safetensors":
         _SAVE_SIG.bind(obj, f, *args, **kwargs)
-        if _save_by_default(obj, f, metadata, durable):
+        if _save_by_default(obj, f, metadata, durable, checksums):
             return
-        metadata, durable = None, False  # the fallback: torch's own format below
-    if metadata is not None or durable:
-        raise ValueError("metadata and durable apply only with format='safetensors'")
+        metadata, durable, checksums = None, False, False  # the fallback: torch's own format below
+    if metadata is not None or durable or checksums:
+        raise ValueError("metadata, durable and checksums apply only with format='safetensors'")
     assert _orig_save is not None
     _orig_save(obj, f, *args, **kwargs)
 
@@ -437,12 +458,14 @@ def _target_name(f: Any) -> str:
     return repr(name) if isinstance(name, (str, bytes)) else f"a {type(f).__name__}"
 
 
-def _save_by_default(obj: Any, f: Any, metadata: Optional[Dict[str, str]], durable: bool) -> bool:
+def _save_by_default(
+    obj: Any, f: Any, metadata: Optional[Dict[str, str]], durable: bool, checksums: bool
+) -> bool:
     """Saves as safetensors because that is the default format. False when the object
     cannot be stored and the fallback to pickle is on (nothing was written: paths are
     written atomically and file objects only after the whole file is built)."""
     try:
-        save_safetensors(obj, f, metadata, durable=durable)
+        save_safetensors(obj, f, metadata, durable=durable, checksums=checksums)
         return True
     except TypeError as e:
         if not (_is_path(f) or hasattr(f, "write")):
@@ -477,6 +500,8 @@ torch_safetensors adds:
         safetensors files (``{"format": "pt"}`` is always written).
     durable (bool, keyword-only): with safetensors, flush the data and the directory
         entry to stable storage before returning (off by default, as torch.save).
+    checksums (bool, keyword-only): with safetensors, record each tensor's CRC32C in
+        the header metadata, checked by ``torch-safetensors verify --data``.
 """
 
 _LOAD_DOC = """
@@ -511,8 +536,9 @@ def _make_wrappers() -> Tuple[Callable[..., Any], Callable[..., Any]]:
     @functools.wraps(_orig_save)
     def save_wrapper(obj: Any, f: Any, *args: Any, format: Optional[str] = None,
                      metadata: Optional[Dict[str, str]] = None, durable: bool = False,
-                     **kwargs: Any) -> None:
-        return save(obj, f, *args, format=format, metadata=metadata, durable=durable, **kwargs)
+                     checksums: bool = False, **kwargs: Any) -> None:
+        return save(obj, f, *args, format=format, metadata=metadata, durable=durable,
+                    checksums=checksums, **kwargs)
 
     @functools.wraps(_orig_load)
     def load_wrapper(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any:
@@ -524,6 +550,7 @@ def _make_wrappers() -> Tuple[Callable[..., Any], Callable[..., Any]]:
             _kwonly("format", None, Optional[str]),
             _kwonly("metadata", None, Optional[Dict[str, str]]),
             _kwonly("durable", False, bool),
+            _kwonly("checksums", False, bool),
         ],
     )
     load_wrapper.__signature__ = _extend_signature(  # type: ignore[attr-defined]
