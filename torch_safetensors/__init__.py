@@ -7,17 +7,20 @@ checkpoints only through the weights_only unpickler. It also offers a
 and maps tensors straight from the file.
 """
 from ._api import load, load_file, safe_open, save, save_file
+from ._async import async_save, release_async_buffers
 from ._core import SafetensorError
 from ._sharded import load_sharded, save_sharded
 from ._torch import install, installed, uninstall
 
 __all__ = [
     "SafetensorError",
+    "async_save",
     "install",
     "installed",
     "load",
     "load_file",
     "load_sharded",
+    "release_async_buffers",
     "safe_open",
     "save",
     "save_file",
