@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import torch
 import torch.serialization as _ser
 
-from . import _C, _checkpoint, _core, _default, _source
+from . import _C, _checkpoint, _core, _default, _source, _stream
 from . import _legacy as _legacy_reader
 from ._core import SafetensorError
 
@@ -55,6 +55,23 @@ def _has_safetensors_suffix(f: Any) -> bool:
     return path.lower().endswith(".safetensors")
 
 
+def base_metadata(metadata: Optional[Dict[str, str]]) -> Dict[str, str]:
+    """The header metadata every save writes: ``{"format": "pt"}`` plus the caller's.
+
+    Raises:
+        TypeError: metadata is not a dict.
+        ValueError: metadata uses the reserved structure key.
+    """
+    base: Dict[str, str] = {"format": "pt"}
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise TypeError(f"metadata must be a dict of str to str, not {type(metadata).__name__}")
+        if _checkpoint.STRUCTURE_KEY in metadata:
+            raise ValueError(f"metadata key {_checkpoint.STRUCTURE_KEY!r} is reserved")
+        base.update(metadata)
+    return base
+
+
 def save_safetensors(
     obj: Any,
     f: Any,
@@ -82,13 +99,7 @@ def save_safetensors(
         OSError: the file cannot be written; a previous file is left untouched.
     """
     tensors, header_meta, plain = parts if parts is not None else _checkpoint.split(obj)
-    base: Dict[str, str] = {"format": "pt"}
-    if metadata is not None:
-        if not isinstance(metadata, dict):
-            raise TypeError(f"metadata must be a dict of str to str, not {type(metadata).__name__}")
-        if _checkpoint.STRUCTURE_KEY in metadata:
-            raise ValueError(f"metadata key {_checkpoint.STRUCTURE_KEY!r} is reserved")
-        base.update(metadata)
+    base = base_metadata(metadata)
     if _is_path(f):
         path: Optional[str] = os.fspath(f)
     else:
@@ -105,21 +116,20 @@ def save_safetensors(
             meta.update(_checksums.metadata_for(tensors))
         if path is not None:
             return _C.save(tensors, meta, path, durable=durable, check_shared=check_shared)
-        # serialize first: a refused object writes nothing to the caller's file
-        return _C.save(tensors, meta, check_shared=check_shared)
+        # planned (and refused) before the first byte, then streamed from tensor memory
+        return _stream.save(f, tensors, meta, check_shared=check_shared)
 
     try:
-        data = write(tensors, header_meta, plain)
+        write(tensors, header_meta, plain)
     except _C.SharedMemoryError:
         # tensors of the plain dict overlap: store ties once, other views as values
         tensors, header_meta = _checkpoint.flatten(obj)
-        data = write(tensors, header_meta, False)
+        write(tensors, header_meta, False)
     except TypeError:
         if plain:
             _checkpoint.explain(obj)
         raise
     if path is None:
-        f.write(data)
         if durable and hasattr(f, "flush") and hasattr(f, "fileno"):
             f.flush()
             os.fsync(f.fileno())
@@ -233,21 +243,48 @@ def _fileobj_source(f: Any) -> Optional[Tuple[int, int, Any]]:
     return pos, end - pos, fd
 
 
-def load_safetensors_fileobj(f: Any, map_location: Any, mmap: Optional[bool], src: Tuple[int, int, Any],
-                             trusted: bool = False) -> Any:
-    pos, size, fd = src
-    if fd is not None and pos == 0 and os.fstat(fd).st_size == size:
-        reader = _C.Reader(fd=fd, mmap=mmap is not False)
-    elif isinstance(f, io.BytesIO):
-        view = f.getbuffer()
-        try:
-            reader = _C.Reader(data=bytes(view[pos : pos + size]))
-        finally:
-            view.release()
+def load_safetensors_fileobj(f: Any, map_location: Any, mmap: Optional[bool],
+                             src: Optional[Tuple[int, int, Any]], trusted: bool = False) -> Any:
+    """Loads safetensors from a file object at its position.
+
+    A file with a descriptor, holding exactly the file, is mapped like a path. Any other
+    stream (seekable with its size in src, or non-seekable with src None) is read once:
+    the header, then each tensor's own storage filled with readinto.
+    """
+    if src is not None:
+        pos, size, fd = src
+        if fd is not None and pos == 0 and os.fstat(fd).st_size == size:
+            reader = _C.Reader(fd=fd, mmap=mmap is not False)
+            f.seek(pos + size)
+            return _finish(reader, map_location, trusted)
+        size_arg: Optional[int] = size
     else:
-        reader = _C.Reader(data=f.read(size))
-    f.seek(pos + size)
-    return _finish(reader, map_location, trusted)
+        size_arg = None
+    device, fn = _location_target(map_location)
+    if fn is not None:
+        tensors, metadata = _stream.load(f, size=size_arg)
+        tensors = _apply_callable(fn, tensors)
+    else:
+        where, dev = _core.resolve_device(device)
+        tensors, metadata = _stream.load(f, size=size_arg, device=where)
+        tensors = _core.move(tensors, dev)
+    return _checkpoint.unflatten(tensors, metadata, trusted=trusted)
+
+
+def _load_nonseekable(f: Any, map_location: Any, format: Optional[str], trusted: bool = False) -> Any:
+    """A stream that cannot seek: torch's own formats need seeking, so it must be safetensors."""
+    try:
+        return load_safetensors_fileobj(f, map_location, None, None, trusted)
+    except SafetensorError as e:
+        if format == "safetensors":
+            raise
+        err = _core.error(
+            f"{e} (a stream that cannot seek can only hold safetensors here: torch's own "
+            "formats need a seekable file; read it into io.BytesIO first)",
+            e.code,
+            e.tensor,
+        )
+        raise err from None
 
 
 def _weights_only_hint(err: BaseException) -> str:
@@ -321,9 +358,9 @@ def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any
             if src is not None:
                 return load_safetensors_fileobj(f, map_location, mmap, src, trusted)
             pos = _tell(f)
+            if pos is None:
+                return _load_nonseekable(f, map_location, format, trusted)
             if format == "safetensors":
-                if pos is None:
-                    raise _core.error("the file object does not hold a safetensors file", "not_safetensors")
                 return _finish(_C.Reader(data=f.read()), map_location, trusted)
             try:
                 return _legacy(f, bound)
