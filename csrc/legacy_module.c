@@ -963,7 +963,10 @@ static PyObject *build(load_state *st, uint32_t id)
         }
         break;
     case SP_K_DTYPE:
-        o = Py_NewRef(PyTuple_GET_ITEM(dtype_objs, n->dtype));
+        if (PyTuple_GET_ITEM(dtype_objs, n->dtype) == Py_None)
+            st->reason = "a dtype this torch does not have"; /* torch raises */
+        else
+            o = Py_NewRef(PyTuple_GET_ITEM(dtype_objs, n->dtype));
         break;
     case SP_K_DEVICE: {
         PyObject *type = build(st, n->a);
