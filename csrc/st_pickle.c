@@ -201,15 +201,16 @@ typedef struct {
     uint32_t *memo;
     size_t memo_cap;
     uint64_t op_pos;       /* where the current opcode began */
+    unsigned flags;        /* SP_RUN_* */
 } machine;
 
 #define UNSUP(...) fail(m->err, SP_UNSUPPORTED, m->op_pos, __VA_ARGS__)
-#define BAD(...) fail(m->err, SP_MALFORMED, m->op_pos, __VA_ARGS__)
 
 static sp_code take(machine *m, size_t n, const uint8_t **out)
 {
     if (n > m->len - m->pos)
-        return BAD("truncated pickle: %zu bytes needed at byte %zu", n, m->pos);
+        return fail(m->err, SP_TRUNCATED, m->op_pos, "truncated pickle: %zu bytes needed at byte %zu",
+                    n, m->pos);
     *out = m->data + m->pos;
     m->pos += n;
     return SP_OK;
@@ -344,7 +345,7 @@ static sp_code op_global(machine *m)
     for (int k = 0; k < 2; k++) {
         const uint8_t *nl = memchr(m->data + m->pos, '\n', m->len - m->pos);
         if (!nl)
-            return BAD("truncated GLOBAL");
+            return fail(m->err, SP_TRUNCATED, m->op_pos, "truncated GLOBAL");
         line[k] = m->data + m->pos;
         l[k] = (size_t)(nl - line[k]);
         m->pos += l[k] + 1;
@@ -484,7 +485,8 @@ static sp_code rebuild_tensor(machine *m, int which, uint32_t args, uint32_t *ou
         int64_t off = node(m, child(p, args, 1))->v.i;
         for (uint32_t d = 0; d < nd_size; d++)
             empty |= sizes[d] == 0;
-        have = (uint64_t)s->v.i * (s->flags & SP_F_UNTYPED ? 1u : sp_dtype_size(dtype));
+        if (!mul_u64((uint64_t)s->v.i, s->flags & SP_F_UNTYPED ? 1u : sp_dtype_size(dtype), &have))
+            have = UINT64_MAX; /* the record check refuses such a claim later */
         if (off < 0)
             return UNSUP("a negative storage offset");
         if (!empty && (!add_u64(extent, (uint64_t)off + 1, &need) ||
@@ -585,9 +587,10 @@ static sp_code op_reduce(machine *m)
             return UNSUP("torch.device outside the subset");
         if ((rc = new_node(m, SP_K_DEVICE, &id)))
             return rc;
+        /* new_node may have moved the nodes: no pointer taken before it is used */
         node(m, id)->a = type;
-        node(m, id)->b = a->n == 2;
-        node(m, id)->v.i = a->n == 2 ? node(m, idx)->v.i : -1;
+        node(m, id)->b = node(m, args)->n == 2;
+        node(m, id)->v.i = node(m, args)->n == 2 ? node(m, idx)->v.i : -1;
         break;
     }
     case G_ENCODE: {
@@ -617,9 +620,14 @@ static sp_code op_binpersid(machine *m)
     sp_code rc;
     if ((rc = pop(m, &pid)))
         return rc;
-    if (node(m, pid)->kind != SP_K_TUPLE || node(m, pid)->n != 5 ||
+    /* zip: ('storage', type, key, location, numel); pre-1.6 adds a view, None here */
+    if (node(m, pid)->kind != SP_K_TUPLE ||
+        node(m, pid)->n != ((m->flags & SP_RUN_LEGACY_IDS) ? 6u : 5u) ||
         !str_is(m, child(p, pid, 0), "storage"))
         return UNSUP("a persistent id outside the subset");
+    if ((m->flags & SP_RUN_LEGACY_IDS) &&
+        (node(m, child(p, pid, 5))->kind != SP_K_NONE || (node(m, child(p, pid, 1))->flags & SP_F_UNTYPED)))
+        return UNSUP("a pre-1.6 storage view or untyped storage");
     stype = child(p, pid, 1);
     key = child(p, pid, 2);
     loc = child(p, pid, 3);
@@ -898,6 +906,12 @@ static sp_code step(machine *m, uint8_t op)
 
 sp_code sp_pickle_run(const uint8_t *data, size_t len, sp_plan *plan, sp_error *err)
 {
+    return sp_pickle_run_ex(data, len, 0, plan, err);
+}
+
+sp_code sp_pickle_run_ex(const uint8_t *data, size_t len, unsigned flags, sp_plan *plan,
+                         sp_error *err)
+{
     machine m;
     sp_code rc = SP_OK;
     uint32_t dummy;
@@ -910,6 +924,7 @@ sp_code sp_pickle_run(const uint8_t *data, size_t len, sp_plan *plan, sp_error *
     m.len = len;
     m.plan = plan;
     m.err = err;
+    m.flags = flags;
     if (len > SP_MAX_PICKLE)
         return fail(err, SP_UNSUPPORTED, 0, "pickle of %zu bytes is too large", len);
     /* node 0 is the "none" link */

@@ -20,6 +20,7 @@ typedef enum {
     SP_UNSUPPORTED, /* valid or not, outside what this engine reads: torch decides */
     SP_MALFORMED,   /* bytes that cannot be what they claim */
     SP_NOMEM,
+    SP_TRUNCATED,   /* the pickle runs past the bytes given */
 } sp_code;
 
 typedef struct {
@@ -97,6 +98,14 @@ typedef struct {
  * the plan holds every value; sp_plan_free releases it whatever the outcome. */
 sp_code sp_pickle_run(const uint8_t *data, size_t len, sp_plan *plan, sp_error *err);
 void sp_plan_free(sp_plan *plan);
+
+/* Flags of sp_pickle_run_ex. */
+#define SP_RUN_LEGACY_IDS 1u /* pre-1.6 persistent ids: a sixth item, the view (None) */
+
+/* sp_pickle_run with flags. SP_TRUNCATED: the pickle runs past the bytes given (a
+ * caller reading a stream retries with more). */
+sp_code sp_pickle_run_ex(const uint8_t *data, size_t len, unsigned flags, sp_plan *plan,
+                         sp_error *err);
 
 /* ---- torch's zip container ---- */
 

@@ -45,6 +45,21 @@ _C.legacy_init(
 last_fallback: Optional[str] = None
 
 _ZIP_MAGIC = b"PK\x03\x04"
+# the pickled magic number that opens a pre-1.6 file (torch.serialization.MAGIC_NUMBER)
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
+
+
+def _is_tar(head: bytes) -> bool:
+    """Whether torch would first read these bytes as its legacy tar format."""
+    import tarfile
+
+    if len(head) < 512:
+        return False
+    try:
+        tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
+    except tarfile.HeaderError:
+        return False
+    return True
 
 
 def _cpu_test(map_location: Any) -> Optional[Callable[[str], bool]]:
@@ -112,9 +127,9 @@ def load_path(fd: int, bound: Any, torch_load: Callable[[], Any]) -> Any:
     use_mmap = _mmap_wanted(a.get("mmap"))
     why = _why_torch(a, use_mmap)
     if why is None:
-        head = os.pread(fd, 4, 0)
-        if head != _ZIP_MAGIC:
-            why = "not a zip checkpoint"
+        head = os.pread(fd, 512, 0)
+        if head[:4] != _ZIP_MAGIC and not (head.startswith(_LEGACY_MAGIC) and not _is_tar(head)):
+            why = "neither a zip nor a pre-1.6 checkpoint"
     checked = False
     if why is None:
         test = _cpu_test(a.get("map_location"))

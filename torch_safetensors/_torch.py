@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 import torch
 import torch.serialization as _ser
 
-from . import _C, _checkpoint, _core, _default, _source
+from . import _C, _checkpoint, _core, _default, _source, _stream
 from . import _legacy as _legacy_reader
 from ._core import SafetensorError
 
@@ -55,6 +55,23 @@ def _has_safetensors_suffix(f: Any) -> bool:
     return path.lower().endswith(".safetensors")
 
 
+def base_metadata(metadata: Optional[Dict[str, str]]) -> Dict[str, str]:
+    """The header metadata every save writes: ``{"format": "pt"}`` plus the caller's.
+
+    Raises:
+        TypeError: metadata is not a dict.
+        ValueError: metadata uses the reserved structure key.
+    """
+    base: Dict[str, str] = {"format": "pt"}
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise TypeError(f"metadata must be a dict of str to str, not {type(metadata).__name__}")
+        if _checkpoint.STRUCTURE_KEY in metadata:
+            raise ValueError(f"metadata key {_checkpoint.STRUCTURE_KEY!r} is reserved")
+        base.update(metadata)
+    return base
+
+
 def save_safetensors(
     obj: Any,
     f: Any,
@@ -62,6 +79,7 @@ def save_safetensors(
     *,
     durable: bool = False,
     parts: Optional[Tuple[Dict[str, torch.Tensor], Dict[str, str], bool]] = None,
+    checksums: bool = False,
 ) -> None:
     """Writes obj as a safetensors file to a path (atomically) or a writable binary file.
 
@@ -72,6 +90,8 @@ def save_safetensors(
         metadata: extra ``str`` -> ``str`` metadata; ``{"format": "pt"}`` is always added.
         durable: flush the data and the directory entry to stable storage.
         parts: ``_checkpoint.split(obj)``, when the caller already has it.
+        checksums: record each tensor's CRC32C in the header metadata, for
+            ``torch-safetensors verify --data`` (other readers ignore it).
 
     Raises:
         TypeError: obj holds something that is not a tensor (named by its key), or f
@@ -79,13 +99,7 @@ def save_safetensors(
         OSError: the file cannot be written; a previous file is left untouched.
     """
     tensors, header_meta, plain = parts if parts is not None else _checkpoint.split(obj)
-    base: Dict[str, str] = {"format": "pt"}
-    if metadata is not None:
-        if not isinstance(metadata, dict):
-            raise TypeError(f"metadata must be a dict of str to str, not {type(metadata).__name__}")
-        if _checkpoint.STRUCTURE_KEY in metadata:
-            raise ValueError(f"metadata key {_checkpoint.STRUCTURE_KEY!r} is reserved")
-        base.update(metadata)
+    base = base_metadata(metadata)
     if _is_path(f):
         path: Optional[str] = os.fspath(f)
     else:
@@ -96,23 +110,26 @@ def save_safetensors(
     def write(tensors: Dict[str, torch.Tensor], extra: Dict[str, str], check_shared: bool) -> Any:
         meta = dict(base)
         meta.update(extra)
+        if checksums:
+            from . import _checksums
+
+            meta.update(_checksums.metadata_for(tensors))
         if path is not None:
             return _C.save(tensors, meta, path, durable=durable, check_shared=check_shared)
-        # serialize first: a refused object writes nothing to the caller's file
-        return _C.save(tensors, meta, check_shared=check_shared)
+        # planned (and refused) before the first byte, then streamed from tensor memory
+        return _stream.save(f, tensors, meta, check_shared=check_shared)
 
     try:
-        data = write(tensors, header_meta, plain)
+        write(tensors, header_meta, plain)
     except _C.SharedMemoryError:
         # tensors of the plain dict overlap: store ties once, other views as values
         tensors, header_meta = _checkpoint.flatten(obj)
-        data = write(tensors, header_meta, False)
+        write(tensors, header_meta, False)
     except TypeError:
         if plain:
             _checkpoint.explain(obj)
         raise
     if path is None:
-        f.write(data)
         if durable and hasattr(f, "flush") and hasattr(f, "fileno"):
             f.flush()
             os.fsync(f.fileno())
@@ -171,10 +188,12 @@ def _read_tensors(reader: "_C.Reader", map_location: Any) -> Dict[str, torch.Ten
     return _core.move(_core.build(reader, None, where), dev)
 
 
-def _finish(reader: "_C.Reader", map_location: Any) -> Any:
+def _finish(reader: "_C.Reader", map_location: Any, trusted: bool = False) -> Any:
+    """trusted: the caller passed weights_only=False, so the classes a checkpoint names
+    are rebuilt without the allowlist."""
     try:
         tensors = _read_tensors(reader, map_location)
-        return _checkpoint.unflatten(tensors, reader.metadata())
+        return _checkpoint.unflatten(tensors, reader.metadata(), trusted=trusted)
     finally:
         reader.close()
 
@@ -234,20 +253,48 @@ def _fileobj_source(f: Any) -> Optional[Tuple[int, int, Any]]:
     return pos, end - pos, fd
 
 
-def load_safetensors_fileobj(f: Any, map_location: Any, mmap: Optional[bool], src: Tuple[int, int, Any]) -> Any:
-    pos, size, fd = src
-    if fd is not None and pos == 0 and os.fstat(fd).st_size == size:
-        reader = _C.Reader(fd=fd, mmap=mmap is not False)
-    elif isinstance(f, io.BytesIO):
-        view = f.getbuffer()
-        try:
-            reader = _C.Reader(data=bytes(view[pos : pos + size]))
-        finally:
-            view.release()
+def load_safetensors_fileobj(f: Any, map_location: Any, mmap: Optional[bool],
+                             src: Optional[Tuple[int, int, Any]], trusted: bool = False) -> Any:
+    """Loads safetensors from a file object at its position.
+
+    A file with a descriptor, holding exactly the file, is mapped like a path. Any other
+    stream (seekable with its size in src, or non-seekable with src None) is read once:
+    the header, then each tensor's own storage filled with readinto.
+    """
+    if src is not None:
+        pos, size, fd = src
+        if fd is not None and pos == 0 and os.fstat(fd).st_size == size:
+            reader = _C.Reader(fd=fd, mmap=mmap is not False)
+            f.seek(pos + size)
+            return _finish(reader, map_location, trusted)
+        size_arg: Optional[int] = size
     else:
-        reader = _C.Reader(data=f.read(size))
-    f.seek(pos + size)
-    return _finish(reader, map_location)
+        size_arg = None
+    device, fn = _location_target(map_location)
+    if fn is not None:
+        tensors, metadata = _stream.load(f, size=size_arg)
+        tensors = _apply_callable(fn, tensors)
+    else:
+        where, dev = _core.resolve_device(device)
+        tensors, metadata = _stream.load(f, size=size_arg, device=where)
+        tensors = _core.move(tensors, dev)
+    return _checkpoint.unflatten(tensors, metadata, trusted=trusted)
+
+
+def _load_nonseekable(f: Any, map_location: Any, format: Optional[str], trusted: bool = False) -> Any:
+    """A stream that cannot seek: torch's own formats need seeking, so it must be safetensors."""
+    try:
+        return load_safetensors_fileobj(f, map_location, None, None, trusted)
+    except SafetensorError as e:
+        if format == "safetensors":
+            raise
+        err = _core.error(
+            f"{e} (a stream that cannot seek can only hold safetensors here: torch's own "
+            "formats need a seekable file; read it into io.BytesIO first)",
+            e.code,
+            e.tensor,
+        )
+        raise err from None
 
 
 def _weights_only_hint(err: BaseException) -> str:
@@ -260,7 +307,20 @@ def _weights_only_hint(err: BaseException) -> str:
         "  (2) or, if you trust the file, allowlist the classes it needs with "
         "torch.serialization.add_safe_globals([...]) (see the message above for their names);\n"
         "  (3) or pass weights_only=False explicitly, only for a file from a trusted source."
+        + _FORCE_NO_WEIGHTS_ONLY_NOTE * _force_no_weights_only_set()
     )
+
+
+_FORCE_NO_WEIGHTS_ONLY_NOTE = (
+    "\nTORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set in this environment: torch_safetensors "
+    "deliberately does not honour it, because a variable set once for one trusted file would "
+    "let every later file run code. Pass weights_only=False in the call instead."
+)
+
+
+def _force_no_weights_only_set() -> bool:
+    """Whether torch's TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set (we never honour it)."""
+    return os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in ("1", "y", "yes", "true")
 
 
 # ---- the wrappers ----
@@ -272,6 +332,7 @@ def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any
     a = bound.arguments
     map_location = a.get("map_location")
     mmap = a.get("mmap")
+    trusted = a.get("weights_only") is False  # the caller trusts the file, as with pickle
 
     if format != "pickle":
         if _is_path(f):
@@ -281,12 +342,12 @@ def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any
             try:
                 if is_st:
                     reader = _C.Reader(fd=fd, mmap=mmap is not False)
-                    return _finish(reader, map_location)
+                    return _finish(reader, map_location, trusted)
                 if _is_sharded_index(f, fd):
                     return _load_sharded(f, map_location, mmap, a.get("weights_only"))
                 if format == "safetensors":
                     # the strict reader says which rule the file breaks
-                    return _finish(_C.Reader(fd=fd, mmap=mmap is not False), map_location)
+                    return _finish(_C.Reader(fd=fd, mmap=mmap is not False), map_location, trusted)
                 # torch would hand any "*.safetensors" path to another reader by its
                 # name: give torch the same open file under a neutral name instead
                 target = f"/proc/self/fd/{fd}" if _has_safetensors_suffix(f) else f
@@ -305,12 +366,12 @@ def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any
         elif hasattr(f, "read"):
             src = _fileobj_source(f)
             if src is not None:
-                return load_safetensors_fileobj(f, map_location, mmap, src)
+                return load_safetensors_fileobj(f, map_location, mmap, src, trusted)
             pos = _tell(f)
+            if pos is None:
+                return _load_nonseekable(f, map_location, format, trusted)
             if format == "safetensors":
-                if pos is None:
-                    raise _core.error("the file object does not hold a safetensors file", "not_safetensors")
-                return _finish(_C.Reader(data=f.read()), map_location)
+                return _finish(_C.Reader(data=f.read()), map_location, trusted)
             try:
                 return _legacy(f, bound)
             except Exception as e:
@@ -360,6 +421,8 @@ def _neither(head: bytes, err: BaseException) -> bool:
     if head[:2] == b"PK" or (len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
         return False
     if head[257:262] == b"ustar":
+        return False
+    if head.startswith(b"L%d" % _ser.MAGIC_NUMBER):  # pre-1.6 with pickle protocol 0 or 1
         return False
     if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in str(err):
         return False
@@ -416,20 +479,21 @@ def save(
     format: Optional[str] = None,
     metadata: Optional[Dict[str, str]] = None,
     durable: bool = False,
+    checksums: bool = False,
     **kwargs: Any,
 ) -> None:
     _check_format(format)
     if format == "safetensors" or (format is None and _has_safetensors_suffix(f)):
         _SAVE_SIG.bind(obj, f, *args, **kwargs)  # torch's own arguments still checked
-        save_safetensors(obj, f, metadata, durable=durable)
+        save_safetensors(obj, f, metadata, durable=durable, checksums=checksums)
         return
     if format is None and _default.get_default_format() == "safetensors":
         _SAVE_SIG.bind(obj, f, *args, **kwargs)
-        if _save_by_default(obj, f, metadata, durable):
+        if _save_by_default(obj, f, metadata, durable, checksums):
             return
-        metadata, durable = None, False  # the fallback: torch's own format below
-    if metadata is not None or durable:
-        raise ValueError("metadata and durable apply only with format='safetensors'")
+        metadata, durable, checksums = None, False, False  # the fallback: torch's own format below
+    if metadata is not None or durable or checksums:
+        raise ValueError("metadata, durable and checksums apply only with format='safetensors'")
     assert _orig_save is not None
     _orig_save(obj, f, *args, **kwargs)
 
@@ -441,19 +505,21 @@ def _target_name(f: Any) -> str:
     return repr(name) if isinstance(name, (str, bytes)) else f"a {type(f).__name__}"
 
 
-def _save_by_default(obj: Any, f: Any, metadata: Optional[Dict[str, str]], durable: bool) -> bool:
+def _save_by_default(
+    obj: Any, f: Any, metadata: Optional[Dict[str, str]], durable: bool, checksums: bool
+) -> bool:
     """Saves as safetensors because that is the default format. False when the object
     cannot be stored and the fallback to pickle is on (nothing was written: paths are
     written atomically and file objects only after the whole file is built)."""
     try:
-        save_safetensors(obj, f, metadata, durable=durable)
+        save_safetensors(obj, f, metadata, durable=durable, checksums=checksums)
         return True
     except TypeError as e:
         if not (_is_path(f) or hasattr(f, "write")):
             raise
         if _default.fallback() != "pickle":
             raise TypeError(
-                f"{e}\n(torch.save writes safetensors because the default format is "
+                f"{e}\n(torch.save to {_target_name(f)} writes safetensors because the default format is "
                 f"safetensors ({_default.ENV_FORMAT} or set_default_format); pass "
                 f"format='pickle' to this call, or set {_default.ENV_FALLBACK}=pickle to "
                 "write pickle whenever an object cannot be stored)"
@@ -481,6 +547,8 @@ torch_safetensors adds:
         safetensors files (``{"format": "pt"}`` is always written).
     durable (bool, keyword-only): with safetensors, flush the data and the directory
         entry to stable storage before returning (off by default, as torch.save).
+    checksums (bool, keyword-only): with safetensors, record each tensor's CRC32C in
+        the header metadata, checked by ``torch-safetensors verify --data``.
 """
 
 _LOAD_DOC = """
@@ -515,8 +583,9 @@ def _make_wrappers() -> Tuple[Callable[..., Any], Callable[..., Any]]:
     @functools.wraps(_orig_save)
     def save_wrapper(obj: Any, f: Any, *args: Any, format: Optional[str] = None,
                      metadata: Optional[Dict[str, str]] = None, durable: bool = False,
-                     **kwargs: Any) -> None:
-        return save(obj, f, *args, format=format, metadata=metadata, durable=durable, **kwargs)
+                     checksums: bool = False, **kwargs: Any) -> None:
+        return save(obj, f, *args, format=format, metadata=metadata, durable=durable,
+                    checksums=checksums, **kwargs)
 
     @functools.wraps(_orig_load)
     def load_wrapper(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any:
@@ -528,6 +597,7 @@ def _make_wrappers() -> Tuple[Callable[..., Any], Callable[..., Any]]:
             _kwonly("format", None, Optional[str]),
             _kwonly("metadata", None, Optional[Dict[str, str]]),
             _kwonly("durable", False, bool),
+            _kwonly("checksums", False, bool),
         ],
     )
     load_wrapper.__signature__ = _extend_signature(  # type: ignore[attr-defined]
