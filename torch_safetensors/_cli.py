@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Text
 
 import torch
 
-from . import _C, _checkpoint, _core, _sharded, _torch
+from . import _C, _checkpoint, _core, _legacy_map, _sharded, _torch
 from ._checksums import CHECKSUM_ALGORITHM, CHECKSUM_KEY, file_crc as _file_crc, read_checksums
 from ._core import SafetensorError
 
@@ -566,9 +566,19 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def _load_legacy(src: str) -> Any:
-    """Loads src with weights_only=True only; never runs code from it."""
-    mmap = zipfile.is_zipfile(src)  # torch maps only zip checkpoints
+    """Loads src with weights_only semantics only; never runs code from it.
+
+    Zip checkpoints are mapped by torch (mmap=True), pre-1.6 ones by _legacy_map: the
+    data is read only when the writer copies it out, so memory does not grow with the
+    file. Anything else is read by torch.load(weights_only=True)."""
     try:
+        head, _size = _read_head(src, 64)
+        if _legacy_map.is_pre16(head):
+            try:
+                return _legacy_map.load_pre16_mapped(src)
+            except _legacy_map.NotMappable:
+                pass  # torch's own loader below, reading into memory (still weights_only)
+        mmap = zipfile.is_zipfile(src)  # torch maps only zip checkpoints
         return torch.load(src, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise CLIError(
