@@ -56,21 +56,27 @@ from ._api import (  # noqa: E402
     storage_ptr,
     storage_size,
 )
+from ._async import async_save, release_async_buffers  # noqa: E402
+from ._default import PickleFallbackWarning, get_default_format, set_default_format  # noqa: E402
 from ._sharded import load_sharded, save_sharded  # noqa: E402
 from ._torch import install, installed, uninstall  # noqa: E402
 
 __all__ = [
+    "PickleFallbackWarning",
     "SafetensorError",
     "TensorSpec",
     "UnsupportedTensorError",
     "__version__",
+    "async_save",
     "deserialize",
+    "get_default_format",
     "install",
     "installed",
     "load",
     "load_file",
     "load_model",
     "load_sharded",
+    "release_async_buffers",
     "safe_open",
     "save",
     "save_file",
@@ -79,6 +85,7 @@ __all__ = [
     "serialize",
     "serialize_file",
     "storage_ptr",
+    "set_default_format",
     "storage_size",
     "uninstall",
 ]

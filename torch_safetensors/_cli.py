@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Text
 
 import torch
 
-from . import _C, _checkpoint, _core, _legacy_map, _sharded, _torch
+from . import _C, _checkpoint, _core, _legacy_map, _sharded, _source, _torch
 from ._checksums import CHECKSUM_ALGORITHM, CHECKSUM_KEY, file_crc as _file_crc, read_checksums
 from ._core import SafetensorError
 
@@ -311,38 +311,21 @@ def _check_structure(reader: "_C.Reader") -> None:
         _checkpoint.unflatten(_torch._read_tensors(reader, "meta"), meta)
 
 
-def aliases(metadata: Dict[str, str], names: Sequence[str]) -> Dict[str, str]:
+def aliases(metadata: Dict[str, str], names: Sequence[str],
+            tree: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
     """Tied names a file records but stores once: alias -> stored name.
 
-    From the whole-checkpoint structure (torch.save, save_sharded), and from the
-    ``{removed: kept}`` entries that safetensors' ``save_model`` writes."""
+    From the whole-checkpoint structure's ties (``tree``, from ``_checkpoint.describe``:
+    torch.save, save_sharded), and from the ``{removed: kept}`` entries that
+    safetensors' ``save_model`` writes."""
     held = set(names)
     out: Dict[str, str] = {}
-    text = metadata.get(_checkpoint.STRUCTURE_KEY)
-    if text:
-        try:
-            root = json.loads(text).get("root")
-        except (ValueError, AttributeError):
-            root = None
-        stack: List[Tuple[str, Any]] = [("", root)]
-        while stack:
-            path, node = stack.pop()
-            if not isinstance(node, dict):
-                continue
-            if isinstance(node.get("t"), str):
-                stored = node["t"]
-                if path and path != stored and stored in held:
-                    out[path] = stored
-                continue
-            for key in ("d", "od"):
-                for item in node.get(key, ()) if isinstance(node.get(key), list) else ():
-                    if isinstance(item, list) and len(item) == 2:
-                        stack.append((f"{path}.{item[0]}" if path else str(item[0]), item[1]))
-            for key in ("l", "tu"):
-                for i, item in enumerate(node.get(key, ()) if isinstance(node.get(key), list) else ()):
-                    stack.append((f"{path}.{i}" if path else str(i), item))
+    for stored, places in ((tree or {}).get("ties") or {}).items():
+        for where in places:
+            if where != stored:
+                out[where] = stored
     for alias, stored in metadata.items():
-        if alias not in held and stored in held and alias != _checkpoint.STRUCTURE_KEY:
+        if alias not in held and stored in held:
             out.setdefault(alias, stored)
     return dict(sorted(out.items()))
 
@@ -359,12 +342,20 @@ def _describe_file(path: str, reader: Optional["_C.Reader"] = None, *, check: bo
             tensors.append({"name": name, "dtype": dtype, "shape": list(shape),
                             "bytes": end - begin, "offset": begin, "file": path})
         meta = reader.metadata() or {}
-        return {
+        out: Dict[str, Any] = {
             "file": {"path": path, "size": reader.file_size, "header_size": reader.data_start,
-                     "tensors": len(tensors), "metadata": meta,
-                     "aliases": aliases(meta, [t["name"] for t in tensors])},
+                     "tensors": len(tensors), "metadata": meta},
             "tensors": tensors,
         }
+        if _checkpoint.STRUCTURE_KEY in meta:  # a whole checkpoint: its tree (issue 14)
+            try:
+                out["file"]["tree"] = _checkpoint.describe(meta[_checkpoint.STRUCTURE_KEY],
+                                                           {t["name"]: t for t in tensors})
+            except SafetensorError as e:
+                out["file"]["tree_error"] = str(e)
+        names = [t["name"] for t in tensors]
+        out["file"]["aliases"] = aliases(meta, names, out["file"].get("tree"))
+        return out
     finally:
         reader.close()
 
@@ -444,13 +435,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     _emit()
     file_bytes = sum(f["size"] for f in desc["files"])
     header_bytes = sum(f["header_size"] for f in desc["files"])
+    for f in desc["files"]:
+        if "tree_error" in f:
+            _emit(f"checkpoint tree: {_one_line(f['tree_error'])}\n")
+        if "tree" in f:
+            _emit(f"checkpoint tree ({_shown(os.path.basename(f['path']))}, structure version {f['tree']['version']}):")
+            for line in _checkpoint.tree_lines(f["tree"]):
+                _emit(f"  {_shown(line)}")
+            _emit()
     _emit(f"total: {desc['total_tensors']:,} tensors, {desc['total_bytes']:,} bytes of data "
           f"({_human(desc['total_bytes'])}); headers {header_bytes:,} bytes; "
           f"file{'s' if sharded else ''} {file_bytes:,} bytes")
-    if desc["aliases"]:
-        _emit(f"tied: {len(desc['aliases']):,} name{'s' if len(desc['aliases']) > 1 else ''} stored once "
+    # the tree already shows its ties: list the others (safetensors' save_model records)
+    listed: Dict[str, str] = {}
+    for f in desc["files"]:
+        listed.update(aliases(f["metadata"], [t["name"] for t in desc["tensors"] if t["file"] == f["path"]]))
+    if listed:
+        _emit(f"tied: {len(listed):,} name{'s' if len(listed) > 1 else ''} stored once "
               "under another name:")
-        for alias, stored in desc["aliases"].items():
+        for alias, stored in sorted(listed.items()):
             _emit(f"  {alias} -> {stored}")
     for f in desc["files"]:
         meta = f["metadata"]
@@ -571,6 +574,7 @@ def _load_legacy(src: str) -> Any:
     Zip checkpoints are mapped by torch (mmap=True), pre-1.6 ones by _legacy_map: the
     data is read only when the writer copies it out, so memory does not grow with the
     file. Anything else is read by torch.load(weights_only=True)."""
+    os.close(_source.open_regular(src)[0])  # a FIFO or a device is refused, never waited on
     try:
         head, _size = _read_head(src, 64)
         if _legacy_map.is_pre16(head):
