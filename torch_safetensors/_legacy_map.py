@@ -16,7 +16,6 @@ path).
 from __future__ import annotations
 
 import os
-import pickle
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -26,7 +25,7 @@ MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 PROTOCOL_VERSION = 1001
 HEAD = b"\x80\x02\x8a\x0a" + MAGIC_NUMBER.to_bytes(10, "little")
 
-__all__ = ["HEAD", "load_pre16_mapped"]
+__all__ = ["HEAD", "NotMappable", "is_pre16", "load_pre16_mapped"]
 
 
 class NotMappable(Exception):
@@ -137,5 +136,3 @@ def is_pre16(head: bytes) -> bool:
     """Whether a file's first bytes are a pre-1.6 checkpoint's magic number."""
     return head.startswith(HEAD)
 
-
-_ = pickle  # pickle.UnpicklingError is what the weights_only unpickler raises
