@@ -311,3 +311,18 @@ def test_checksums_are_ignored_by_other_readers(tmp_path):
     ts.save_file({"a": torch.arange(5.0)}, p, checksums=True)
     assert torch.equal(safetensors.load_file(str(p))["a"], torch.arange(5.0))
     assert torch.equal(torch.load(p)["a"], torch.arange(5.0))
+
+
+def test_convert_a_legacy_shard_directory_refuses_a_payload_shard(tmp_path, capsys):
+    _legacy_shards(tmp_path / "hf")
+    torch.save({"b.weight": torch.ones(2, 3), "x": Evil()}, tmp_path / "hf" / "pytorch_model-00002-of-00002.bin")
+    status, _, err = run(capsys, "convert", tmp_path / "hf", tmp_path / "out")
+    assert status == 4 and re.search(r"it needs (posix|os)\.system", err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_a_legacy_shard_directory_that_disagrees_with_its_index(tmp_path, capsys):
+    _legacy_shards(tmp_path / "hf")
+    torch.save({"b.weight": torch.ones(2, 3), "extra": torch.ones(1)}, tmp_path / "hf" / "pytorch_model-00002-of-00002.bin")
+    status, _, err = run(capsys, "convert", tmp_path / "hf", tmp_path / "out")
+    assert status == 1 and "extra" in err

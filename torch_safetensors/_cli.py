@@ -585,17 +585,21 @@ def _load_legacy(src: str) -> Any:
         mmap = zipfile.is_zipfile(src)  # torch maps only zip checkpoints
         return torch.load(src, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise CLIError(
-            f"refused {src}: the safe (weights_only) unpickler would not load it: "
-            f"{_refusal_reason(e)}; nothing in it was run (if you trust the file, convert it in "
-            "Python with torch.load(..., weights_only=False))",
-            EXIT_REFUSED,
-        ) from None
+        raise _refused(src, e) from None
     except (SafetensorError, OSError):
         raise
     except Exception as e:  # a damaged zip or pickle: torch raises many kinds
         raise CLIError(f"{src}: cannot be read as a checkpoint: {type(e).__name__}: {_one_line(str(e))}",
                        EXIT_INVALID) from None
+
+
+def _refused(src: str, err: BaseException) -> CLIError:
+    return CLIError(
+        f"refused {src}: the safe (weights_only) unpickler would not load it: "
+        f"{_refusal_reason(err)}; nothing in it was run (if you trust the file, convert it in "
+        "Python with torch.load(..., weights_only=False))",
+        EXIT_REFUSED,
+    )
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -697,31 +701,14 @@ def _write_sharded(obj: Any, src: str, dst: str, limit: int, args: argparse.Name
     return EXIT_OK
 
 
-def _load_legacy_shards(src: str, index: Optional[str], files: List[str]) -> Dict[str, torch.Tensor]:
-    """One state dict from a directory of legacy shards, each loaded with weights_only
-    (zip shards mapped, not read). The index must agree with the shards."""
-    weight_map = _sharded.read_index(index) if index else None
-    merged: Dict[str, torch.Tensor] = {}
-    for shard in files:
-        if not os.path.exists(shard):
-            raise FileNotFoundError(2, f"shard listed in {index} is missing", shard)
-        obj = _load_legacy(shard)
-        if not _is_state_dict(obj):
-            raise CLIError(f"{shard}: not a state dict (a flat dict of names to tensors); a legacy "
-                           "sharded checkpoint holds one per shard", EXIT_INVALID)
-        for name, t in obj.items():
-            if name in merged:
-                raise CLIError(f"{shard}: tensor {name!r} is also in another shard", EXIT_INVALID)
-            if weight_map is not None and weight_map.get(name) != os.path.basename(shard):
-                raise CLIError(f"{shard}: holds tensor {name!r}, which {index} does not list for it",
-                               EXIT_INVALID)
-            merged[name] = t
-    if weight_map is not None:
-        missing = [n for n in weight_map if n not in merged]
-        if missing:
-            raise CLIError(f"{index}: weight_map lists tensor {missing[0]!r} in {weight_map[missing[0]]!r}, "
-                           f"which does not hold it ({len(missing)} such tensors)", EXIT_INVALID)
-    return merged
+def _load_legacy_shards(src: str) -> Dict[str, torch.Tensor]:
+    """One state dict from a directory of legacy shards (or their index), through the
+    sharded loader that torch.load uses: each shard with weights_only, zip shards mapped,
+    every shard checked against the index."""
+    try:
+        return _sharded.load_sharded(src, map_location="cpu", mmap=True)
+    except pickle.UnpicklingError as e:
+        raise _refused(src, e) from None
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -737,8 +724,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         # a Hugging Face checkpoint of pytorch_model-*.bin shards: a sharded safetensors one
         if os.path.exists(dst) and not os.path.isdir(dst):
             raise CLIError(f"{dst} is a file; a sharded checkpoint converts into a directory", EXIT_USAGE)
-        index, files = shards
-        sd = _load_legacy_shards(src, index, files)
+        sd = _load_legacy_shards(src)
         return _write_sharded(sd, src, dst, limit if limit is not None else _sharded.parse_size("5GB"),
                               args, "converting shards")
     if os.path.isdir(src):
