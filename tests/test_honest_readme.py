@@ -63,6 +63,6 @@ def test_readme_describes_refusals_as_the_code_does(tmp_path):
     assert "Objects that are not tensors are refused" not in text
     assert "Code without an importable name (a lambda, a local class) is refused with a `TypeError`" in text
     torch.save({"n": None, "s": "x", "set": {1, 2}}, tmp_path / "ok.safetensors")
-    with pytest.raises(TypeError, match="^v: function '<lambda>' cannot be saved"):
+    with pytest.raises(TypeError, match="^v: function '.*<lambda>' cannot be saved"):
         torch.save({"v": lambda: 1}, tmp_path / "bad.safetensors")
     assert not (tmp_path / "bad.safetensors").exists()
