@@ -50,7 +50,8 @@ static const struct {
 static int grad_dtype(int d)
 {
     return d == SP_F64 || d == SP_F32 || d == SP_F16 || d == SP_BF16 || d == SP_C128 ||
-           d == SP_C64;
+           d == SP_C64 || d == SP_C32 || d == SP_F8E4M3FN || d == SP_F8E5M2 ||
+           d == SP_F8E4M3FNUZ || d == SP_F8E5M2FNUZ || d == SP_F8E8M0FNU || d == SP_F4X2;
 }
 
 /* ---- checked arithmetic ---- */
