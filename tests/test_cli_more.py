@@ -185,7 +185,7 @@ def test_inspect_shows_tied_names(tmp_path, capsys):
     torch.save(_tied_sd(), tmp_path / "t.safetensors")
     status, out, _ = run(capsys, "inspect", tmp_path / "t.safetensors")
     assert status == 0
-    assert "tied: 1 name stored once under another name:\n  head.weight -> embed.weight\n" in out
+    assert "tie: embed.weight is referenced at embed.weight, head.weight" in out  # the checkpoint tree
     _, out, _ = run(capsys, "inspect", "--json", tmp_path / "t.safetensors")
     assert json.loads(out)["aliases"] == {"head.weight": "embed.weight"}
 
@@ -196,14 +196,16 @@ def test_inspect_shows_save_model_aliases(tmp_path, capsys):
     m.b = m.a
     ts.save_model(m, tmp_path / "m.safetensors")
     _, out, _ = run(capsys, "inspect", tmp_path / "m.safetensors")
-    assert "  b.bias -> a.bias\n  b.weight -> a.weight\n" in out
+    assert "tied: 2 names stored once under another name:\n  b.bias -> a.bias\n  b.weight -> a.weight\n" in out
+    _, out, _ = run(capsys, "inspect", "--json", tmp_path / "m.safetensors")
+    assert json.loads(out)["aliases"] == {"b.bias": "a.bias", "b.weight": "a.weight"}
 
 
 def test_inspect_shows_nested_ties(tmp_path, capsys):
     w = torch.ones(3)
     torch.save({"model": {"w": w}, "ema": [w]}, tmp_path / "n.safetensors")
     _, out, _ = run(capsys, "inspect", "--json", tmp_path / "n.safetensors")
-    assert json.loads(out)["aliases"] == {"ema.0": "model.w"}
+    assert json.loads(out)["aliases"] == {"ema[0]": "model.w"}
 
 
 # ---- no terminal injection (hardening issue, point 17) ----
@@ -256,7 +258,7 @@ def test_hostile_shard_file_names_are_escaped(tmp_path, capsys):
 
 
 def test_hostile_names_in_errors_are_escaped(tmp_path, capsys):
-    torch.save({HOSTILE: {1, 2}}, tmp_path / "s.pt")
+    torch.save({HOSTILE: torch.eye(2).to_sparse()}, tmp_path / "s.pt")
     status, out, err = run(capsys, "convert", tmp_path / "s.pt", tmp_path / "s.safetensors")
     assert status in (1, 4)
     _assert_clean(out + err)
@@ -309,3 +311,18 @@ def test_checksums_are_ignored_by_other_readers(tmp_path):
     ts.save_file({"a": torch.arange(5.0)}, p, checksums=True)
     assert torch.equal(safetensors.load_file(str(p))["a"], torch.arange(5.0))
     assert torch.equal(torch.load(p)["a"], torch.arange(5.0))
+
+
+def test_convert_a_legacy_shard_directory_refuses_a_payload_shard(tmp_path, capsys):
+    _legacy_shards(tmp_path / "hf")
+    torch.save({"b.weight": torch.ones(2, 3), "x": Evil()}, tmp_path / "hf" / "pytorch_model-00002-of-00002.bin")
+    status, _, err = run(capsys, "convert", tmp_path / "hf", tmp_path / "out")
+    assert status == 4 and re.search(r"it needs (posix|os)\.system", err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_a_legacy_shard_directory_that_disagrees_with_its_index(tmp_path, capsys):
+    _legacy_shards(tmp_path / "hf")
+    torch.save({"b.weight": torch.ones(2, 3), "extra": torch.ones(1)}, tmp_path / "hf" / "pytorch_model-00002-of-00002.bin")
+    status, _, err = run(capsys, "convert", tmp_path / "hf", tmp_path / "out")
+    assert status == 1 and "extra" in err

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Text
 
 import torch
 
-from . import _C, _checkpoint, _core, _sharded, _source, _torch
+from . import _C, _checkpoint, _core, _legacy_map, _sharded, _source, _torch
 from ._checksums import CHECKSUM_ALGORITHM, CHECKSUM_KEY, file_crc as _file_crc, read_checksums
 from ._core import SafetensorError
 
@@ -311,38 +311,21 @@ def _check_structure(reader: "_C.Reader") -> None:
         _checkpoint.unflatten(_torch._read_tensors(reader, "meta"), meta)
 
 
-def aliases(metadata: Dict[str, str], names: Sequence[str]) -> Dict[str, str]:
+def aliases(metadata: Dict[str, str], names: Sequence[str],
+            tree: Optional[Dict[str, Any]] = None) -> Dict[str, str]:
     """Tied names a file records but stores once: alias -> stored name.
 
-    From the whole-checkpoint structure (torch.save, save_sharded), and from the
-    ``{removed: kept}`` entries that safetensors' ``save_model`` writes."""
+    From the whole-checkpoint structure's ties (``tree``, from ``_checkpoint.describe``:
+    torch.save, save_sharded), and from the ``{removed: kept}`` entries that
+    safetensors' ``save_model`` writes."""
     held = set(names)
     out: Dict[str, str] = {}
-    text = metadata.get(_checkpoint.STRUCTURE_KEY)
-    if text:
-        try:
-            root = json.loads(text).get("root")
-        except (ValueError, AttributeError):
-            root = None
-        stack: List[Tuple[str, Any]] = [("", root)]
-        while stack:
-            path, node = stack.pop()
-            if not isinstance(node, dict):
-                continue
-            if isinstance(node.get("t"), str):
-                stored = node["t"]
-                if path and path != stored and stored in held:
-                    out[path] = stored
-                continue
-            for key in ("d", "od"):
-                for item in node.get(key, ()) if isinstance(node.get(key), list) else ():
-                    if isinstance(item, list) and len(item) == 2:
-                        stack.append((f"{path}.{item[0]}" if path else str(item[0]), item[1]))
-            for key in ("l", "tu"):
-                for i, item in enumerate(node.get(key, ()) if isinstance(node.get(key), list) else ()):
-                    stack.append((f"{path}.{i}" if path else str(i), item))
+    for stored, places in ((tree or {}).get("ties") or {}).items():
+        for where in places:
+            if where != stored:
+                out[where] = stored
     for alias, stored in metadata.items():
-        if alias not in held and stored in held and alias != _checkpoint.STRUCTURE_KEY:
+        if alias not in held and stored in held:
             out.setdefault(alias, stored)
     return dict(sorted(out.items()))
 
@@ -359,10 +342,9 @@ def _describe_file(path: str, reader: Optional["_C.Reader"] = None, *, check: bo
             tensors.append({"name": name, "dtype": dtype, "shape": list(shape),
                             "bytes": end - begin, "offset": begin, "file": path})
         meta = reader.metadata() or {}
-        out = {
+        out: Dict[str, Any] = {
             "file": {"path": path, "size": reader.file_size, "header_size": reader.data_start,
-                     "tensors": len(tensors), "metadata": meta,
-                     "aliases": aliases(meta, [t["name"] for t in tensors])},
+                     "tensors": len(tensors), "metadata": meta},
             "tensors": tensors,
         }
         if _checkpoint.STRUCTURE_KEY in meta:  # a whole checkpoint: its tree (issue 14)
@@ -371,6 +353,8 @@ def _describe_file(path: str, reader: Optional["_C.Reader"] = None, *, check: bo
                                                            {t["name"]: t for t in tensors})
             except SafetensorError as e:
                 out["file"]["tree_error"] = str(e)
+        names = [t["name"] for t in tensors]
+        out["file"]["aliases"] = aliases(meta, names, out["file"].get("tree"))
         return out
     finally:
         reader.close()
@@ -462,10 +446,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     _emit(f"total: {desc['total_tensors']:,} tensors, {desc['total_bytes']:,} bytes of data "
           f"({_human(desc['total_bytes'])}); headers {header_bytes:,} bytes; "
           f"file{'s' if sharded else ''} {file_bytes:,} bytes")
-    if desc["aliases"]:
-        _emit(f"tied: {len(desc['aliases']):,} name{'s' if len(desc['aliases']) > 1 else ''} stored once "
+    # the tree already shows its ties: list the others (safetensors' save_model records)
+    listed: Dict[str, str] = {}
+    for f in desc["files"]:
+        listed.update(aliases(f["metadata"], [t["name"] for t in desc["tensors"] if t["file"] == f["path"]]))
+    if listed:
+        _emit(f"tied: {len(listed):,} name{'s' if len(listed) > 1 else ''} stored once "
               "under another name:")
-        for alias, stored in desc["aliases"].items():
+        for alias, stored in sorted(listed.items()):
             _emit(f"  {alias} -> {stored}")
     for f in desc["files"]:
         meta = f["metadata"]
@@ -581,23 +569,37 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 def _load_legacy(src: str) -> Any:
-    """Loads src with weights_only=True only; never runs code from it."""
+    """Loads src with weights_only semantics only; never runs code from it.
+
+    Zip checkpoints are mapped by torch (mmap=True), pre-1.6 ones by _legacy_map: the
+    data is read only when the writer copies it out, so memory does not grow with the
+    file. Anything else is read by torch.load(weights_only=True)."""
     os.close(_source.open_regular(src)[0])  # a FIFO or a device is refused, never waited on
-    mmap = zipfile.is_zipfile(src)  # torch maps only zip checkpoints
     try:
+        head, _size = _read_head(src, 64)
+        if _legacy_map.is_pre16(head):
+            try:
+                return _legacy_map.load_pre16_mapped(src)
+            except _legacy_map.NotMappable:
+                pass  # torch's own loader below, reading into memory (still weights_only)
+        mmap = zipfile.is_zipfile(src)  # torch maps only zip checkpoints
         return torch.load(src, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        raise CLIError(
-            f"refused {src}: the safe (weights_only) unpickler would not load it: "
-            f"{_refusal_reason(e)}; nothing in it was run (if you trust the file, convert it in "
-            "Python with torch.load(..., weights_only=False))",
-            EXIT_REFUSED,
-        ) from None
+        raise _refused(src, e) from None
     except (SafetensorError, OSError):
         raise
     except Exception as e:  # a damaged zip or pickle: torch raises many kinds
         raise CLIError(f"{src}: cannot be read as a checkpoint: {type(e).__name__}: {_one_line(str(e))}",
                        EXIT_INVALID) from None
+
+
+def _refused(src: str, err: BaseException) -> CLIError:
+    return CLIError(
+        f"refused {src}: the safe (weights_only) unpickler would not load it: "
+        f"{_refusal_reason(err)}; nothing in it was run (if you trust the file, convert it in "
+        "Python with torch.load(..., weights_only=False))",
+        EXIT_REFUSED,
+    )
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -699,31 +701,14 @@ def _write_sharded(obj: Any, src: str, dst: str, limit: int, args: argparse.Name
     return EXIT_OK
 
 
-def _load_legacy_shards(src: str, index: Optional[str], files: List[str]) -> Dict[str, torch.Tensor]:
-    """One state dict from a directory of legacy shards, each loaded with weights_only
-    (zip shards mapped, not read). The index must agree with the shards."""
-    weight_map = _sharded.read_index(index) if index else None
-    merged: Dict[str, torch.Tensor] = {}
-    for shard in files:
-        if not os.path.exists(shard):
-            raise FileNotFoundError(2, f"shard listed in {index} is missing", shard)
-        obj = _load_legacy(shard)
-        if not _is_state_dict(obj):
-            raise CLIError(f"{shard}: not a state dict (a flat dict of names to tensors); a legacy "
-                           "sharded checkpoint holds one per shard", EXIT_INVALID)
-        for name, t in obj.items():
-            if name in merged:
-                raise CLIError(f"{shard}: tensor {name!r} is also in another shard", EXIT_INVALID)
-            if weight_map is not None and weight_map.get(name) != os.path.basename(shard):
-                raise CLIError(f"{shard}: holds tensor {name!r}, which {index} does not list for it",
-                               EXIT_INVALID)
-            merged[name] = t
-    if weight_map is not None:
-        missing = [n for n in weight_map if n not in merged]
-        if missing:
-            raise CLIError(f"{index}: weight_map lists tensor {missing[0]!r} in {weight_map[missing[0]]!r}, "
-                           f"which does not hold it ({len(missing)} such tensors)", EXIT_INVALID)
-    return merged
+def _load_legacy_shards(src: str) -> Dict[str, torch.Tensor]:
+    """One state dict from a directory of legacy shards (or their index), through the
+    sharded loader that torch.load uses: each shard with weights_only, zip shards mapped,
+    every shard checked against the index."""
+    try:
+        return _sharded.load_sharded(src, map_location="cpu", mmap=True)
+    except pickle.UnpicklingError as e:
+        raise _refused(src, e) from None
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -739,8 +724,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         # a Hugging Face checkpoint of pytorch_model-*.bin shards: a sharded safetensors one
         if os.path.exists(dst) and not os.path.isdir(dst):
             raise CLIError(f"{dst} is a file; a sharded checkpoint converts into a directory", EXIT_USAGE)
-        index, files = shards
-        sd = _load_legacy_shards(src, index, files)
+        sd = _load_legacy_shards(src)
         return _write_sharded(sd, src, dst, limit if limit is not None else _sharded.parse_size("5GB"),
                               args, "converting shards")
     if os.path.isdir(src):
