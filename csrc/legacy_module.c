@@ -70,8 +70,10 @@ typedef struct {
     size_t len;
 } window;
 
-/* Points *out at n bytes at off. Returns 0, or -1 with errno (ENODATA: past the end). */
-static int win_get(window *w, uint64_t off, size_t n, const uint8_t **out)
+/* Points *out at n bytes at off. A miss refills the window from off: all of it when more
+ * small reads follow nearby (readahead), else just the n bytes (a header before a large
+ * record, which is read on its own). Returns 0, or -1 with errno (ENODATA: past the end). */
+static int win_read(window *w, uint64_t off, size_t n, int readahead, const uint8_t **out)
 {
     size_t want;
     if (off <= w->size && n <= w->size - off && off >= w->start && w->len >= n &&
@@ -83,13 +85,18 @@ static int win_get(window *w, uint64_t off, size_t n, const uint8_t **out)
         errno = ENODATA;
         return -1;
     }
-    want = (size_t)(w->size - off < WINDOW ? w->size - off : WINDOW);
+    want = readahead ? (size_t)(w->size - off < WINDOW ? w->size - off : WINDOW) : n;
     if (st_pread_all(w->fd, w->buf, want, off) != 0)
         return -1;
     w->start = off;
     w->len = want;
     *out = w->buf;
     return 0;
+}
+
+static int win_get(window *w, uint64_t off, size_t n, const uint8_t **out)
+{
+    return win_read(w, off, n, 1, out);
 }
 
 /* ---- the zip directory: names sorted case-insensitively, as miniz looks them up ---- */
@@ -546,7 +553,8 @@ static int read_legacy(load_state *st)
                 FALLBACK("a pre-1.6 key that no storage names"); /* torch asserts */
             }
             esz = sp_dtype_size(st->plan.nodes[hit->idx].dtype);
-            if (win_get(&st->win, off, 8, &h) != 0) {
+            /* the previous storage's size predicts whether small ones follow */
+            if (win_read(&st->win, off, 8, i == 0 || st->lrecs[i - 1].size <= WINDOW / 4, &h) != 0) {
                 free(by_key);
                 FALLBACK("pre-1.6 storages past the end of the file");
             }
@@ -693,7 +701,7 @@ static int check_records(load_state *st, PyObject *cpu_ok)
             }
             if (e->size != nbytes && !st->use_mmap)
                 FALLBACK("a record whose size differs from its claim"); /* torch says so */
-            if (win_get(&st->win, e->local_offset, 30, &lh) != 0) {
+            if (win_read(&st->win, e->local_offset, 30, e->size <= WINDOW / 4, &lh) != 0) {
                 raise_errno_fd(errno);
                 return -1;
             }
@@ -955,7 +963,10 @@ static PyObject *build(load_state *st, uint32_t id)
         }
         break;
     case SP_K_DTYPE:
-        o = Py_NewRef(PyTuple_GET_ITEM(dtype_objs, n->dtype));
+        if (PyTuple_GET_ITEM(dtype_objs, n->dtype) == Py_None)
+            st->reason = "a dtype this torch does not have"; /* torch raises */
+        else
+            o = Py_NewRef(PyTuple_GET_ITEM(dtype_objs, n->dtype));
         break;
     case SP_K_DEVICE: {
         PyObject *type = build(st, n->a);

@@ -808,6 +808,111 @@ done:
     return (PyObject *)s;
 }
 
+/* ---- snapshots for async saves ---- */
+
+/* snapshot(items, dst) -> list of the indices it did not copy. items is a list of
+ * (tensor, offset, nbytes); each contiguous CPU tensor's bytes are copied into the
+ * writable buffer dst at offset, without the GIL. The others (strided, off-CPU) are
+ * left to the caller. */
+static PyObject *mod_snapshot(PyObject *self, PyObject *args)
+{
+    PyObject *items_arg, *items = NULL, *tensors = NULL, *rest = NULL, *result = NULL;
+    Py_buffer dst;
+    Py_ssize_t n = 0;
+    st_tensor *handles = NULL;
+    const uint8_t **src = NULL;
+    size_t *off = NULL, *len = NULL;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "Ow*:snapshot", &items_arg, &dst))
+        return NULL;
+    if (!st_aten.ready || !st_py_tensor_type()) {
+        PyErr_SetString(PyExc_RuntimeError, "libtorch's C ABI is not available");
+        goto done;
+    }
+    /* a private tuple: nothing below may change it */
+    items = PySequence_Tuple(items_arg);
+    if (!items)
+        goto done;
+    n = PyTuple_GET_SIZE(items);
+    tensors = PyList_New(n);
+    rest = PyList_New(0);
+    handles = PyMem_Calloc((size_t)n ? (size_t)n : 1, sizeof(*handles));
+    src = PyMem_Calloc((size_t)n ? (size_t)n : 1, sizeof(*src));
+    off = PyMem_Calloc((size_t)n ? (size_t)n : 1, sizeof(*off));
+    len = PyMem_Calloc((size_t)n ? (size_t)n : 1, sizeof(*len));
+    if (!tensors || !rest || !handles || !src || !off || !len) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *it = PyTuple_GET_ITEM(items, i), *t;
+        unsigned long long o, l;
+        if (!PyTuple_Check(it) || !PyArg_ParseTuple(it, "OKK", &t, &o, &l)) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "items must be (tensor, offset, nbytes) tuples");
+            goto done;
+        }
+        if (!PyObject_TypeCheck(t, (PyTypeObject *)st_py_tensor_type())) {
+            PyErr_Format(PyExc_TypeError, "expected a Tensor, got %.100s", Py_TYPE(t)->tp_name);
+            goto done;
+        }
+        if (l > (unsigned long long)dst.len || o > (unsigned long long)dst.len - l) {
+            PyErr_SetString(PyExc_ValueError, "a snapshot item lies outside the buffer");
+            goto done;
+        }
+        off[i] = (size_t)o;
+        len[i] = (size_t)l;
+        PyList_SET_ITEM(tensors, i, Py_NewRef(t));
+    }
+    if (n && tensors_to_handles(tensors, handles, n) < 0)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int32_t layout, device, dtype;
+        int64_t numel;
+        bool contiguous;
+        void *p = NULL;
+        int copy = st_aten.get_layout(handles[i], &layout) == 0 &&
+                   st_aten.get_device_type(handles[i], &device) == 0 &&
+                   st_aten.get_dtype(handles[i], &dtype) == 0 &&
+                   st_aten.get_numel(handles[i], &numel) == 0 &&
+                   st_aten.is_contiguous(handles[i], &contiguous) == 0 &&
+                   layout == st_aten.layout_strided && device == st_aten.device_cpu &&
+                   contiguous && numel >= 0 &&
+                   (uint64_t)numel * st_aten.dtype_element_size(dtype) == len[i] &&
+                   (len[i] == 0 || st_aten.get_data_ptr(handles[i], &p) == 0);
+        if (copy) {
+            src[i] = p;
+        } else {
+            PyObject *idx = PyLong_FromSsize_t(i);
+            if (!idx || PyList_Append(rest, idx) < 0) {
+                Py_XDECREF(idx);
+                goto done;
+            }
+            Py_DECREF(idx);
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (src[i] && len[i])
+            memcpy((uint8_t *)dst.buf + off[i], src[i], len[i]);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(rest);
+done:
+    if (handles)
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (handles[i])
+                st_aten.delete_tensor(handles[i]);
+    PyMem_Free(handles);
+    PyMem_Free(src);
+    PyMem_Free(off);
+    PyMem_Free(len);
+    Py_XDECREF(items);
+    Py_XDECREF(tensors);
+    Py_XDECREF(rest);
+    PyBuffer_Release(&dst);
+    return result;
+}
+
 /* ---- headers read from streams ---- */
 
 /* Decodes table strings; NULL with an exception on failure. */
@@ -927,6 +1032,8 @@ static PyMethodDef write_methods[] = {
     {"tensor_memory", (PyCFunction)(void (*)(void))mod_tensor_memory,
      METH_VARARGS | METH_KEYWORDS,
      "tensor_memory(tensor, *, writable=False): a contiguous CPU tensor's bytes as a buffer."},
+    {"snapshot", mod_snapshot, METH_VARARGS,
+     "snapshot(items, dst): copies contiguous CPU tensors into dst; returns the others."},
     {"parse_header", (PyCFunction)(void (*)(void))mod_parse_header,
      METH_VARARGS | METH_KEYWORDS,
      "parse_header(head, file_len=None) -> (data_len, entries, metadata), validated."},

@@ -7,7 +7,7 @@
 
 #include "st_engine.h"
 
-/* Adds save, tensor_memory, parse_header and the Span type to the module.
+/* Adds save, snapshot, tensor_memory, parse_header and the Span type to the module.
  * Returns 0, or -1 with an exception set. */
 int st_write_register(PyObject *module);
 

@@ -257,6 +257,8 @@ def test_save_to_proc_self_fd_of_a_renamed_file(tmp_path):
         ts.save_file({"a": torch.ones(2)}, f"/dev/fd/{f.fileno()}")
         assert _files(tmp_path) == ["b.safetensors"]
         _equal(ts.load_file(q), {"a": torch.ones(2)})
+        f.seek(0)  # the very file the descriptor refers to, as open(path, "wb") writes it
+        _equal(torch.load(f), {"a": torch.ones(2)})
 
 
 # ---- 13: t and t.conj() are different values ----
@@ -804,3 +806,21 @@ def test_loaders_racing_savers_always_get_a_complete_checkpoint(tmp_path, savers
     got = torch.load(tmp_path)
     assert any(_same(got, sd) for sd in valid)
     assert not [f for f in _files(tmp_path) if f.startswith(".")]
+
+
+# ---- attacks: misbehaving file objects ----
+
+
+def test_fileobj_exposing_another_files_descriptor_is_read_through_read(tmp_path):
+    # a wrapper (decrypting, say) whose fileno() is its underlying file: same size,
+    # other bytes; the values are what read() gives, never the descriptor's bytes
+    a, b = {"x": torch.zeros(16)}, {"x": torch.ones(16)}
+    ts.save_file(b, tmp_path / "b.safetensors")
+    data = ts.save(a)
+    assert len(data) == os.path.getsize(tmp_path / "b.safetensors")
+    with open(tmp_path / "b.safetensors", "rb") as under:
+        class Wrapper(io.BytesIO):
+            def fileno(self):
+                return under.fileno()
+
+        _equal(torch.load(Wrapper(data)), a)

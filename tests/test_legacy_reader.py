@@ -654,3 +654,55 @@ def test_fuzz_findings_as_data_pkl(tmp_path, name):
         assert_same(want[1], got[1])
     else:
         assert issubclass(got[1], want[1]) or issubclass(want[1], got[1])
+
+
+# ---- hand-written pickles ----
+
+
+def _with_pickle(tmp_path, pkl: bytes):
+    path = tmp_path / "g.pt"
+    torch.save({"w": torch.ones(1)}, path)
+    name, members = _members(path)
+    members[name] = pkl
+    out = tmp_path / "hand.pt"
+    _write_zip(out, members)
+    return out
+
+
+def test_self_referencing_list(tmp_path):
+    path = _with_pickle(tmp_path, b"\x80\x02]q\x01h\x01a.")  # L = [L]
+    got = torch.load(path)
+    assert _legacy.last_fallback is None
+    assert got[0] is got
+
+
+def test_cycle_through_a_tuple_goes_to_torch(tmp_path):
+    # L = [T], T = (L,), returned [T]: the reader builds tuples from finished children
+    path = _with_pickle(tmp_path, b"\x80\x02]q\x01h\x01\x85q\x02a]q\x03h\x02a.")
+    got = torch.load(path)
+    assert _legacy.last_fallback == "a cycle through a tuple"
+    assert got[0][0][0] is got[0]
+
+
+@pytest.mark.parametrize("pkl,why", [
+    (b"\x80\x03N.", "subset"),                      # protocol 3: torch warns, we hand it over
+    (b"\x80\x02\x8c\x01a.", "subset"),              # SHORT_BINUNICODE: torch refuses it
+    (b"\x80\x02}q\x00]q\x01h\x01s.", "subset"),     # an unhashable key
+    (b"\x80\x02X\x02\x00\x00\x00\xff\xfe.", "subset"),  # not UTF-8
+    (b"\x80\x02ctorch\nSize\n]\x85R.", "subset"),   # torch.Size of a list
+    (b"\x80\x02r\xff\xff\xff\xff.", "subset"),       # LONG_BINPUT far beyond the input
+])
+def test_outside_the_subset_goes_to_torch(tmp_path, pkl, why):
+    path = _with_pickle(tmp_path, pkl)
+    try:
+        want = ("ok", plain(path))
+    except Exception as e:  # noqa: BLE001
+        want = ("error", type(e))
+    try:
+        got = ("ok", torch.load(path))
+    except Exception as e:  # noqa: BLE001
+        got = ("error", type(e))
+    assert _legacy.last_fallback is not None and why in _legacy.last_fallback
+    assert want[0] == got[0]
+    if want[0] == "ok":
+        assert_same(want[1], got[1])

@@ -128,17 +128,16 @@ def _writer() -> concurrent.futures.ThreadPoolExecutor:
 # ---- planning and copying ----
 
 
-def _plan(obj: Any, metadata: Optional[Dict[str, str]]) -> Tuple[Dict[str, str], List[Any]]:
-    """Everything a synchronous save checks: (header metadata, [(name, tensor, nbytes)]
-    in file order). Raises the same refusals, before anything is copied."""
+def _plan(obj: Any, metadata: Optional[Dict[str, str]]) -> Tuple[bytes, List[Any]]:
+    """Everything a synchronous save checks: (header bytes, [(name, tensor, nbytes)] in
+    file order). Raises the same refusals, before anything is copied."""
     base = _torch.base_metadata(metadata)
     tensors, header_meta, plain = _checkpoint.split(obj)
 
-    def plan(tensors: Dict[str, torch.Tensor], extra: Dict[str, str], check: bool) -> Tuple[Dict[str, str], List[Any]]:
+    def plan(tensors: Dict[str, torch.Tensor], extra: Dict[str, str], check: bool) -> Tuple[bytes, List[Any]]:
         meta = dict(base)
         meta.update(extra)
-        _, order = _C.save(tensors, meta, check_shared=check, plan_only=True)
-        return meta, order
+        return _C.save(tensors, meta, check_shared=check, plan_only=True)
 
     try:
         return plan(tensors, header_meta, plain)
@@ -156,29 +155,36 @@ def _as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
-def _snapshot(order: List[Any], buf: torch.Tensor, non_blocking: bool) -> Dict[str, torch.Tensor]:
-    """Copies each tensor into its place in buf; returns views of buf by name."""
-    snap: Dict[str, torch.Tensor] = {}
-    off = 0
+def _snapshot(header: bytes, order: List[Any], buf: torch.Tensor, non_blocking: bool) -> None:
+    """Fills buf with the whole file: the header, then each tensor's bytes in file order.
+
+    Contiguous CPU tensors are copied by the C core without the GIL; the others (strided,
+    on an accelerator) with torch's copy_, non-blocking into pinned memory."""
+    hl = len(header)
+    memoryview(_C.tensor_memory(buf, writable=True))[:hl] = header
+    items = []
+    off = hl
+    for name, t, nbytes in order:
+        if t.numel() * t.element_size() != nbytes:
+            raise RuntimeError(f"tensor {name!r} changed size while it was being saved")
+        items.append((t, off, nbytes))
+        off += nbytes
+    if off != buf.numel():
+        raise RuntimeError("the snapshot buffer does not match the planned file")
+    rest = _C.snapshot(items, _C.tensor_memory(buf, writable=True))
     with torch.no_grad():
-        for name, t, nbytes in order:
+        for i in rest:
+            t, off, nbytes = items[i]
             if type(t) is not torch.Tensor:
                 t = t.as_subclass(torch.Tensor)
-            if t.numel() * t.element_size() != nbytes:
-                raise RuntimeError(f"tensor {name!r} changed size while it was being saved")
             dst_bytes = buf[off : off + nbytes]
-            dst = dst_bytes.view(t.dtype).view(t.shape) if nbytes else torch.empty(t.shape, dtype=t.dtype)
-            if nbytes:
-                if t.is_contiguous():
-                    dst_bytes.copy_(_as_bytes(t), non_blocking=non_blocking)
-                else:
-                    try:
-                        dst.copy_(t, non_blocking=non_blocking)
-                    except (RuntimeError, NotImplementedError):  # dtypes without a copy kernel
-                        dst_bytes.copy_(_as_bytes(t.contiguous()), non_blocking=non_blocking)
-            snap[name] = dst
-            off += nbytes
-    return snap
+            if t.is_contiguous():
+                dst_bytes.copy_(_as_bytes(t), non_blocking=non_blocking)
+                continue
+            try:
+                dst_bytes.view(t.dtype).view(t.shape).copy_(t, non_blocking=non_blocking)
+            except (RuntimeError, NotImplementedError):  # dtypes without a strided copy kernel
+                dst_bytes.copy_(_as_bytes(t.contiguous()), non_blocking=non_blocking)
 
 
 def _record_events(order: List[Any]) -> List[Any]:
@@ -229,34 +235,35 @@ def async_save(obj: Any, f: Any, *, metadata: Optional[Dict[str, str]] = None,
     if not isinstance(f, (str, os.PathLike)) and getattr(f, "write", None) is None:
         raise TypeError(f"f must be a path or a writable binary file object, not {type(f).__name__}")
     path = os.fspath(f) if isinstance(f, (str, os.PathLike)) else None
-    meta, order = _plan(obj, metadata)
+    header, order = _plan(obj, metadata)
     with _lock:
         prev = _last
         if prev is not None:
             concurrent.futures.wait([prev])  # bounded memory: one snapshot at a time
-        total = sum(nbytes for _, _, nbytes in order)
+        total = len(header) + sum(nbytes for _, _, nbytes in order)
         pinned = any(t.device.type not in ("cpu", "meta") for _, t, _ in order)
         buf = _pool.take(total, pinned)
         try:
-            snap = _snapshot(order, buf, non_blocking=pinned)
+            _snapshot(header, order, buf, non_blocking=pinned)
             events = _record_events(order) if pinned else []
         except BaseException:
             _pool.give(buf, pinned)
             raise
+        del order  # the caller's tensors are not kept alive by the save
 
         def job() -> None:
             try:
                 for ev in events:
                     ev.synchronize()
+                data = _C.tensor_memory(buf)
                 if path is not None:
-                    _C.save(snap, meta, path, durable=durable, check_shared=False)
+                    _C.write_atomic(path, data, durable=durable)
                 else:
-                    _stream.save(f, snap, meta, check_shared=False)
+                    _stream.write_all(f, data)
                     if durable and hasattr(f, "flush") and hasattr(f, "fileno"):
                         f.flush()
                         os.fsync(f.fileno())
             finally:
-                snap.clear()
                 _pool.give(buf, pinned)
 
         fut = _writer().submit(job)

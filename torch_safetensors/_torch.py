@@ -225,11 +225,13 @@ def _fileobj_source(f: Any) -> Optional[Tuple[int, int, Any]]:
     except (AttributeError, ValueError, OSError):
         return None
     pos = f.tell()
+    if not isinstance(pos, int) or isinstance(pos, bool):
+        return None  # a tell() that returns no position: leave the object to torch
     head = f.read(_SNIFF_BYTES)
     f.seek(0, io.SEEK_END)
     end = f.tell()
     f.seek(pos)
-    if not isinstance(pos, int) or not isinstance(end, int) or end < pos:
+    if not isinstance(end, int) or end < pos:
         return None
     if not isinstance(head, (bytes, bytearray)) or not _C.sniff(bytes(head[:_SNIFF_BYTES]), end - pos):
         return None
@@ -238,8 +240,16 @@ def _fileobj_source(f: Any) -> Optional[Tuple[int, int, Any]]:
         fd = f.fileno()
     except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
         fd = None
-    if not isinstance(fd, int):
+    if not isinstance(fd, int) or isinstance(fd, bool):
         fd = None
+    else:
+        # a wrapper (decrypting, decompressing) may expose its underlying file's
+        # descriptor: read through the descriptor only if it holds the same bytes
+        try:
+            if os.pread(fd, len(head), pos) != bytes(head):
+                fd = None
+        except OSError:
+            fd = None
     return pos, end - pos, fd
 
 
