@@ -23,6 +23,13 @@ from torch_safetensors import _C, _default
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+def _unstorable():
+    """A value pickle stores and safetensors refuses (a documented limit): a numpy
+    object array."""
+    np = pytest.importorskip("numpy")
+    return np.array(["a", None], dtype=object)
+
+
 def _is_safetensors(data: bytes) -> bool:
     return len(data) >= 8 and _C.sniff(data[:4096], len(data))
 
@@ -122,7 +129,7 @@ def test_torch_save_arguments_are_still_checked(default_safetensors, tmp_path):
 
 
 def test_unstorable_object_raises_naming_its_path_and_writes_nothing(default_safetensors, tmp_path):
-    ck = {"model": {"w": torch.ones(2)}, "hooks": {"fn": os.path.join}}
+    ck = {"model": {"w": torch.ones(2)}, "hooks": {"fn": _unstorable()}}
     with pytest.raises(TypeError) as info:
         torch.save(ck, tmp_path / "bad.pt")
     msg = str(info.value)
@@ -141,7 +148,7 @@ def test_unstorable_object_does_not_damage_the_previous_file(default_safetensors
     torch.save({"w": torch.ones(2)}, target)
     before = target.read_bytes()
     with pytest.raises(TypeError):
-        torch.save({"w": torch.zeros(2), "fn": print}, target)
+        torch.save({"w": torch.zeros(2), "fn": _unstorable()}, target)
     assert target.read_bytes() == before
 
 
@@ -149,7 +156,7 @@ def test_fallback_writes_pickle_for_that_call_only_with_a_warning(tmp_path):
     saved = (_default._format, _default._fallback)
     try:
         ts.set_default_format("safetensors", fallback="pickle")
-        ck = {"model": {"w": torch.ones(2)}, "hooks": {"fn": os.path.join}}
+        ck = {"model": {"w": torch.ones(2)}, "hooks": {"fn": _unstorable()}}
         with pytest.warns(ts.PickleFallbackWarning) as rec:
             torch.save(ck, tmp_path / "fb.pt")
         msg = str(rec[0].message)
@@ -157,7 +164,7 @@ def test_fallback_writes_pickle_for_that_call_only_with_a_warning(tmp_path):
         assert rec[0].filename == __file__  # points at the caller's torch.save line
         assert _is_torch_zip((tmp_path / "fb.pt").read_bytes())
         got = torch.load(tmp_path / "fb.pt", weights_only=False)
-        assert got["hooks"]["fn"] is os.path.join
+        assert got["hooks"]["fn"].tolist() == ["a", None]
         buf = io.BytesIO()
         with pytest.warns(ts.PickleFallbackWarning, match="BytesIO"):
             torch.save(ck, buf)
@@ -178,7 +185,7 @@ def test_an_invalid_target_is_not_a_fallback_case(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             with pytest.raises((TypeError, AttributeError)):
-                torch.save({"fn": print}, 42)
+                torch.save({"fn": _unstorable()}, 42)
     finally:
         _default._format, _default._fallback = saved
 
@@ -279,10 +286,11 @@ def test_environment_pickle_installs_the_loader_only(site_env, tmp_path):
 
 
 def test_environment_fallback(site_env, tmp_path):
+    _unstorable()  # numpy is needed
     code = textwrap.dedent(
         f"""
-        import os, torch
-        torch.save({{"w": torch.ones(1), "fn": os.path.join}}, {str(tmp_path / 'fb.pt')!r})
+        import numpy, torch
+        torch.save({{"w": torch.ones(1), "fn": numpy.array([None], dtype=object)}}, {str(tmp_path / 'fb.pt')!r})
         """
     )
     env = dict(site_env, TORCH_SAFETENSORS_FORMAT="safetensors")
@@ -303,6 +311,23 @@ def test_environment_typo_is_an_error(site_env):
 
 def test_importing_torch_safetensors_first_also_works(site_env, tmp_path):
     code = f"import torch_safetensors, torch; torch.save({{'w': torch.ones(1)}}, {str(tmp_path / 'a.pt')!r})"
+    r = _run(dict(site_env, TORCH_SAFETENSORS_FORMAT="safetensors"), "-c", code)
+    assert r.returncode == 0, r.stderr
+    assert _is_safetensors((tmp_path / "a.pt").read_bytes())
+
+
+def test_a_probe_for_torch_before_importing_it_does_not_disarm_the_hook(site_env, tmp_path):
+    """transformers and others call importlib.util.find_spec("torch") before importing it."""
+    code = textwrap.dedent(
+        f"""
+        import importlib.util, sys
+        for _ in range(2):
+            assert importlib.util.find_spec("torch") is not None
+        assert "torch" not in sys.modules
+        import torch
+        torch.save({{"w": torch.ones(1)}}, {str(tmp_path / 'a.pt')!r})
+        """
+    )
     r = _run(dict(site_env, TORCH_SAFETENSORS_FORMAT="safetensors"), "-c", code)
     assert r.returncode == 0, r.stderr
     assert _is_safetensors((tmp_path / "a.pt").read_bytes())
