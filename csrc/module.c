@@ -15,6 +15,7 @@
 #include "st_aten.h"
 #include "st_engine.h"
 #include "st_file.h"
+#include "legacy_module.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "torch_safetensors supports little-endian hosts only: the format stores little-endian data"
@@ -261,6 +262,11 @@ error:
         h[i] = NULL;
     }
     return NULL;
+}
+
+PyObject *st_py_wrap_handles(st_tensor *h, Py_ssize_t n)
+{
+    return wrap_handles(h, n);
 }
 
 /* ---- Reader: a validated file and its table ---- */
@@ -1805,6 +1811,8 @@ PyMODINIT_FUNC PyInit__C(void)
         PyModule_AddObjectRef(m, "Mapping", (PyObject *)&Mapping_Type) < 0 ||
         PyModule_AddIntConstant(m, "MAX_HEADER_LEN", (long)ST_MAX_HEADER_LEN) < 0 ||
         PyModule_AddIntConstant(m, "MAX_DEPTH", ST_MAX_DEPTH) < 0)
+        goto error;
+    if (st_legacy_register(m) < 0)
         goto error;
     return m;
 error:

@@ -43,7 +43,7 @@ MAX_DEPTH = 200  # nesting of containers, on save and on load
 # The decoder's memory budget: what rebuilding a structure may cost, estimated before
 # parsing from the text's tokens and counted while building.
 BUDGET_FACTOR = 4
-BUDGET_FLOOR = 64 << 20
+BUDGET_FLOOR = 256 << 20
 
 _Parameter = torch.nn.Parameter
 _PLAIN = (type(None), bool, int, float, str)
@@ -835,8 +835,8 @@ class _Builder:
         return slice(*self.seq(self.arity(body, 3, "slice"), depth, "slice"))
 
     def size_node(self, body: Any, depth: int) -> Any:
-        if type(body) is not list or any(type(n) is not int for n in body):
-            raise _bad("a torch.Size is not a list of ints")
+        if type(body) is not list or any(type(n) is not int or not -(1 << 63) <= n < 1 << 63 for n in body):
+            raise _bad("a torch.Size is not a list of 64-bit ints")
         try:
             return torch.Size(body)
         except (RuntimeError, OverflowError, TypeError) as e:
@@ -1024,7 +1024,7 @@ def unflatten(
     Raises:
         SafetensorError: the structure metadata is malformed, refers to a tensor that the
             file does not hold, would exceed the decoder's memory budget
-            (``max(4 x its size, 64 MiB)``), or names a class or function that this process
+            (``max(4 x its size, 256 MiB)``), or names a class or function that this process
             has not allowed (code ``"not_allowed"``).
     """
     text = (metadata or {}).get(STRUCTURE_KEY)
@@ -1056,3 +1056,172 @@ def unflatten(
 
 def _raise_constant(c: str) -> Any:
     raise _bad(f"the non-standard JSON constant {c}")
+
+
+# ---- describing a structure without building it (the CLI's inspect tree) ----
+
+_DESCRIBE_TYPES = {
+    "d": "dict", "od": "OrderedDict", "l": "list", "tu": "tuple", "set": "set", "fset": "frozenset",
+    "ns": "argparse.Namespace", "counter": "collections.Counter", "dd": "collections.defaultdict",
+    "b": "bytes", "ba": "bytearray", "c": "complex", "range": "range", "slice": "slice",
+    "dtype": "torch.dtype", "device": "torch.device", "size": "torch.Size", "layout": "torch.layout",
+    "mfmt": "torch.memory_format", "path": "pathlib path", "nd": "numpy.ndarray", "npv": "numpy scalar",
+    "npdt": "numpy.dtype", "ref": "reference", "obj": "object", "f": "float",
+}
+
+
+def describe(text: str, tensors: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """The tree a structure describes, as JSON-ready nodes, without building anything:
+    containers with their items, plain values, objects with their class names, tensors with
+    their dtype and shape (``tensors``: name -> {"dtype", "shape"}), and tied aliases.
+
+    Raises:
+        SafetensorError: the structure is not JSON, over the memory budget, or too deep.
+    """
+    if estimate(text) > budget_for(text):
+        raise _bad("too large to describe within the memory budget", "budget")
+    try:
+        doc = json.loads(text, parse_constant=_raise_constant)
+    except RecursionError:
+        raise _bad("nested too deeply") from None
+    except ValueError as e:
+        if isinstance(e, SafetensorError):
+            raise
+        raise _bad(f"not JSON ({_one_line(e)})") from None
+    if type(doc) is not dict or "root" not in doc:
+        raise _bad("no root")
+    refs: Dict[str, List[str]] = {}
+
+    def tensor(node: Dict[str, Any], where: str) -> Dict[str, Any]:
+        if "tk" in node:
+            out: Dict[str, Any] = {"type": "tensor", "kind": str(node.get("tk"))}
+            for k, v in node.items():
+                if isinstance(v, dict) and ("t" in v or "tk" in v):
+                    out[k] = tensor(v, where)
+                elif k == "parts" and isinstance(v, list):
+                    out[k] = [tensor(p, where) if isinstance(p, dict) else walk(p, where, 1) for p in v]
+                elif k != "tk":
+                    out[k] = v
+            return out
+        name = str(node.get("t"))
+        info = tensors.get(name, {})
+        refs.setdefault(name, []).append(where)
+        out = {"type": "tensor", "name": name, "dtype": info.get("dtype"), "shape": info.get("shape")}
+        if node.get("p") == 1:
+            out["parameter"] = True
+        if node.get("g") == 1:
+            out["requires_grad"] = True
+        return out
+
+    def items(body: Any, where: str, depth: int) -> List[Dict[str, Any]]:
+        pairs = body.items() if isinstance(body, dict) else (p for p in body if isinstance(p, list) and len(p) == 2) \
+            if isinstance(body, list) else ()
+        out = []
+        for k, v in pairs:
+            key = k if isinstance(k, (str, int)) else walk(k, where, depth + 1)
+            shown = k if isinstance(k, str) else f"[{k}]" if isinstance(k, int) else "[...]"
+            out.append({"key": key, "value": walk(v, _join(where, str(shown)), depth + 1)})
+        return out
+
+    def walk(node: Any, where: str, depth: int) -> Dict[str, Any]:
+        if depth > MAX_DEPTH:
+            raise _bad(f"nested deeper than {MAX_DEPTH} levels")
+        if node is None or type(node) in (bool, int, float, str):
+            return {"type": type(node).__name__ if node is not None else "None", "value": node}
+        if type(node) is not dict or not node:
+            return {"type": "invalid"}
+        if "t" in node or "tk" in node:
+            return tensor(node, where)
+        (tag, body), = list(node.items())[:1]
+        kind = _DESCRIBE_TYPES.get(tag, f"unknown {tag!r}")
+        if tag in ("d", "od", "ns", "counter"):
+            return {"type": kind, "items": items(body, where, depth)}
+        if tag == "dd" and isinstance(body, list) and len(body) == 2:
+            return {"type": kind, "default_factory": body[0], "items": items(body[1], where, depth)}
+        if tag in ("l", "tu", "set", "fset") and isinstance(body, list):
+            return {"type": kind, "items": [walk(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(body)]}
+        if tag == "obj" and isinstance(body, dict):
+            out: Dict[str, Any] = {"type": "object", "class": str(body.get("new", body.get("call"))).replace(":", ".")}
+            for field in ("args", "list"):
+                if isinstance(body.get(field), list):
+                    out[field] = [walk(v, where, depth + 1) for v in body[field]]
+            if "state" in body:
+                out["state"] = walk(body["state"], where, depth + 1)
+            for field in ("dict", "kwargs"):
+                if field in body:
+                    out[field] = items(body[field], where, depth)
+            return out
+        if tag == "ref":
+            return {"type": kind, "name": str(body).replace(":", ".")}
+        if tag == "nd" and isinstance(body, list) and len(body) == 2 and isinstance(body[1], dict):
+            return {"type": kind, "numpy_dtype": body[0], "data": tensor(body[1], where)}
+        if tag in ("b", "ba") and isinstance(body, dict):
+            return {"type": kind, "data": tensor(body, where)}
+        return {"type": kind, "value": body}
+
+    try:
+        root = walk(doc["root"], "", 0)
+    except RecursionError:
+        raise _bad("nested too deeply") from None
+    ties = {name: where for name, where in refs.items() if len(where) > 1}
+    return {"version": doc.get("version"), "root": root, "ties": ties}
+
+
+def tree_lines(tree: Dict[str, Any], *, limit: int = 2000) -> List[str]:
+    """The tree :func:`describe` returns, as indented text lines (at most ``limit``)."""
+    lines: List[str] = []
+
+    def brief(node: Dict[str, Any]) -> str:
+        kind = node.get("type")
+        if kind == "tensor":
+            if "name" in node:
+                shape = "[" + ", ".join(map(str, node.get("shape") or [])) + "]"
+                flags = "".join([" parameter" if node.get("parameter") else "",
+                                 " requires_grad" if node.get("requires_grad") else ""])
+                return f"tensor {node.get('dtype')} {shape}{flags}  ({node['name']})"
+            return f"tensor ({node.get('kind')})"
+        if kind == "object":
+            return f"object {node.get('class')}"
+        if kind == "reference":
+            return f"reference to {node.get('name')}"
+        if "items" in node:
+            return f"{kind} ({len(node['items'])} items)"
+        if "value" in node:
+            return f"{kind} {json.dumps(node['value'], ensure_ascii=False)[:120]}"
+        return str(kind)
+
+    def emit(label: str, node: Dict[str, Any], indent: int) -> None:
+        if len(lines) >= limit:
+            return
+        lines.append("  " * indent + (f"{label}: " if label else "") + brief(node))
+        for i, item in enumerate(node.get("items", [])):
+            if "key" in item:
+                key = item["key"]
+                text = key if isinstance(key, str) else str(key) if isinstance(key, int) else brief(key)
+                emit(str(text), item["value"], indent + 1)
+            else:
+                emit(f"[{i}]", item, indent + 1)
+        for field in ("args", "list"):
+            for i, item in enumerate(node.get(field, [])):
+                emit(f"{field}[{i}]", item, indent + 1)
+        if isinstance(node.get("state"), dict):
+            emit("state", node["state"], indent + 1)
+        for field in ("dict", "kwargs"):
+            for item in node.get(field, []):
+                emit(str(item["key"]), item["value"], indent + 1)
+        if node.get("type") == "tensor" and "name" not in node:
+            for k, v in node.items():
+                if isinstance(v, dict) and v.get("type") == "tensor":
+                    emit(k, v, indent + 1)
+                elif k == "parts" and isinstance(v, list):
+                    for i, p in enumerate(v):
+                        emit(f"[{i}]", p, indent + 1)
+        if "data" in node and node.get("type") != "tensor":
+            emit("data", node["data"], indent + 1)
+
+    emit("", tree["root"], 0)
+    if len(lines) >= limit:
+        lines.append(f"... (tree cut at {limit} lines; --json gives all of it)")
+    for name, where in sorted(tree.get("ties", {}).items()):
+        lines.append(f"tie: {name} is referenced at {', '.join(w or '<root>' for w in where)}")
+    return lines

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import pickle
+import shutil
 import sys
 import tempfile
 import threading
@@ -190,11 +191,19 @@ def _describe_file(path: str, reader: Optional["_C.Reader"] = None, *, check: bo
             dtype, shape, begin, end = reader.info(name)
             tensors.append({"name": name, "dtype": dtype, "shape": list(shape),
                             "bytes": end - begin, "offset": begin, "file": path})
-        return {
+        meta = reader.metadata() or {}
+        out = {
             "file": {"path": path, "size": reader.file_size, "header_size": reader.data_start,
-                     "tensors": len(tensors), "metadata": reader.metadata() or {}},
+                     "tensors": len(tensors), "metadata": meta},
             "tensors": tensors,
         }
+        if _checkpoint.STRUCTURE_KEY in meta:  # a whole checkpoint: its tree (issue 14)
+            try:
+                out["file"]["tree"] = _checkpoint.describe(meta[_checkpoint.STRUCTURE_KEY],
+                                                           {t["name"]: t for t in tensors})
+            except SafetensorError as e:
+                out["file"]["tree_error"] = str(e)
+        return out
     finally:
         reader.close()
 
@@ -271,6 +280,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print()
     file_bytes = sum(f["size"] for f in desc["files"])
     header_bytes = sum(f["header_size"] for f in desc["files"])
+    for f in desc["files"]:
+        if "tree_error" in f:
+            print(f"checkpoint tree: {_one_line(f['tree_error'])}\n")
+        if "tree" in f:
+            print(f"checkpoint tree ({os.path.basename(f['path'])}, structure version {f['tree']['version']}):")
+            for line in _checkpoint.tree_lines(f["tree"]):
+                print(f"  {_shown(line)}")
+            print()
     print(f"total: {desc['total_tensors']:,} tensors, {desc['total_bytes']:,} bytes of data "
           f"({_human(desc['total_bytes'])}); headers {header_bytes:,} bytes; "
           f"file{'s' if sharded else ''} {file_bytes:,} bytes")
@@ -473,12 +490,27 @@ def _mib(n: int) -> str:
 
 
 def demo(out: Optional[str] = None) -> int:
-    """Trains a tiny model, saves and loads it both ways, and shows a refused payload."""
+    """Trains a tiny model, saves and loads it both ways, and shows a refused payload.
+
+    Writes into ``out`` (kept), or into a new temporary directory that is removed at
+    the end, whatever happens.
+    """
+    if out is not None:
+        os.makedirs(out, exist_ok=True)
+        print(f"writing the demo's files into {out} (kept afterwards)")
+        return _demo(out)
+    work = tempfile.mkdtemp(prefix="torch_safetensors_demo_")
+    print(f"writing the demo's files into {work} (removed at the end)")
+    try:
+        return _demo(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        print(f"removed {work}")
+
+
+def _demo(work: str) -> int:
     torch.manual_seed(0)
-    work = out or tempfile.mkdtemp(prefix="torch_safetensors_demo_")
-    os.makedirs(work, exist_ok=True)
-    print(f"torch {torch.__version__}, torch_safetensors {_version()}")
-    print(f"working in {work}\n")
+    print(f"torch {torch.__version__}, torch_safetensors {_version()}\n")
 
     # 1. train a tiny model for a few steps
     def make_model() -> torch.nn.Module:
@@ -605,6 +637,8 @@ def build_parser(prog: str = _PROG) -> argparse.ArgumentParser:
         epilog=EXIT_STATUSES,
         formatter_class=fmt,
     )
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {_version()} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                 parser_class=_Parser)
 

@@ -21,6 +21,7 @@ import torch
 import torch.serialization as _ser
 
 from . import _C, _checkpoint, _core, _default
+from . import _legacy as _legacy_reader
 from ._core import SafetensorError
 
 FORMATS = ("safetensors", "pickle")
@@ -275,10 +276,8 @@ def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any
                 # torch would hand any "*.safetensors" path to another reader by its
                 # name: give torch the same open file under a neutral name instead
                 target = f"/proc/self/fd/{fd}" if _has_safetensors_suffix(f) else f
-                if mmap:
-                    _check_zip_records(fd)
                 try:
-                    return _legacy(target, bound)
+                    return _legacy_reader.load_path(fd, bound, lambda: _legacy(target, bound))
                 except Exception as e:
                     if not _neither(os.pread(fd, 512, 0), e):
                         raise
@@ -327,60 +326,6 @@ def _explained(torch_error: BaseException) -> Iterator[None]:
         )
         err.position = e.position
         raise err from torch_error
-
-
-def _claimed_storage_bytes(data_pkl: bytes) -> Dict[str, int]:
-    """Bytes each storage record must hold, by key, from a zip checkpoint's pickle.
-
-    The pickle is run through torch's weights_only unpickler with storages on the meta
-    device: no data is read and nothing outside its allowlist can run."""
-    from torch import _weights_only_unpickler as wou
-
-    claims: Dict[str, int] = {}
-
-    def persistent_load(saved_id: Any) -> Any:
-        typename, storage_type, key, _location, numel = saved_id
-        if typename not in ("storage", b"storage"):
-            raise pickle.UnpicklingError(f"unknown persistent id {typename!r}")
-        dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
-        nbytes = int(numel) * torch._utils._element_size(dtype)
-        claims[str(key)] = max(claims.get(str(key), 0), nbytes)
-        meta = torch.UntypedStorage(nbytes, device="meta")
-        return torch.storage.TypedStorage(wrap_storage=meta, dtype=dtype, _internal=True)
-
-    unpickler = wou.Unpickler(io.BytesIO(data_pkl), encoding="utf-8")
-    unpickler.persistent_load = persistent_load  # type: ignore[attr-defined]
-    unpickler.load()
-    return claims
-
-
-def _check_zip_records(fd: int) -> None:
-    """Refuses a zip checkpoint whose storage records are shorter than its pickle says.
-
-    torch.load(mmap=True) slices storages out of the mapped file by the sizes the pickle
-    claims without checking the records (torch 2.13), so a short record would fill a
-    tensor from the bytes after it. Anything this check cannot read is left to torch."""
-    import zipfile
-
-    try:
-        with os.fdopen(os.dup(fd), "rb") as fobj, zipfile.ZipFile(fobj) as z:
-            names = [n for n in z.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
-            if len(names) != 1:
-                return
-            prefix = names[0][: -len("data.pkl")]
-            claims = _claimed_storage_bytes(z.read(names[0]))
-            sizes = {i.filename: i.file_size for i in z.infolist()}
-    except Exception:  # noqa: BLE001 - not a zip this check understands: torch decides
-        return
-    for key, nbytes in claims.items():
-        record = f"{prefix}data/{key}"
-        have = sizes.get(record)
-        if have is None or have < nbytes:
-            raise RuntimeError(
-                f"invalid checkpoint: record size {have} of {record!r} does not match the "
-                f"{nbytes} bytes its pickle claims; refusing to map it (mmap=True would "
-                "read the bytes that follow the record)"
-            )
 
 
 def _tell(f: Any) -> Optional[int]:
