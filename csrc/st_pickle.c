@@ -1037,9 +1037,11 @@ sp_code sp_zip_parse_dir(const uint8_t *cd, size_t len, const sp_zip_dir *dir,
         total = 46 + nlen + xlen + clen;
         if (total > len - pos)
             goto bad;
-        /* encrypted or masked entries, entries on another disk, and what the zip library
-         * takes for a directory (an MS-DOS directory attribute): torch decides */
-        if ((le16(h + 8) & 0x2041u) || le16(h + 34) != 0 || (le32(h + 38) & 0x10u) ||
+        /* encrypted, masked or patch entries, methods other than stored and deflated,
+         * entries on another disk, and what the zip library takes for a directory (an
+         * MS-DOS directory attribute): torch decides */
+        if ((le16(h + 8) & 0x2061u) || (le16(h + 10) != 0 && le16(h + 10) != 8) ||
+            le16(h + 34) != 0 || (le32(h + 38) & 0x10u) ||
             (nlen && h[46 + nlen - 1] == '/')) {
             free(es);
             return fail(err, SP_UNSUPPORTED, dir->cd_offset + pos, "an encrypted, multi-disk or directory zip entry");
