@@ -449,6 +449,18 @@ static int Reader_open_path(Reader *r, PyObject *path, int use_mmap)
     Py_BEGIN_ALLOW_THREADS
     fd = st_open_read(cpath, &size);
     Py_END_ALLOW_THREADS
+    if (fd < 0 && errno == EINVAL) {
+        /* st_open_read's refusal of a FIFO, a socket or a device */
+        PyObject *args = Py_BuildValue("(isO)", EINVAL,
+                                       "not a regular file (a FIFO, a socket or a device); "
+                                       "refusing to read it",
+                                       r->path ? r->path : Py_None);
+        if (args) {
+            PyErr_SetObject(PyExc_OSError, args);
+            Py_DECREF(args);
+        }
+        return -1;
+    }
     if (fd < 0) {
         raise_errno(errno, r->path);
         return -1;

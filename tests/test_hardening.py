@@ -5,6 +5,7 @@ and legacy zips that would be mapped. Each test failed before its fix."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -378,8 +379,10 @@ def test_explicit_fifo_path_is_refused_at_once(tmp_path):
     with _deadline():
         with pytest.raises(SafetensorError, match="FIFO"):
             torch.load(tmp_path / "x.pt")
-        with pytest.raises(OSError):  # the C reader: not a regular file
-            ts.load_file(tmp_path / "x.pt")
+        for load in (ts.load_file, lambda p: ts.safe_open(p, "pt"), lambda p: _C.Reader(str(p))):
+            with pytest.raises(OSError, match="not a regular file") as info:  # the C reader
+                load(tmp_path / "x.pt")
+            assert info.value.errno == errno.EINVAL and info.value.filename == str(tmp_path / "x.pt")
 
 
 @pytest.mark.parametrize("command", ["inspect", "verify"])
@@ -861,3 +864,13 @@ def test_dcp_shard_that_is_a_fifo_is_refused_at_once(tmp_path):
                 dcp.load(target, storage_reader=SafetensorsReader(tmp_path))
     text = str(info.value) + repr(getattr(info.value, "failures", ""))
     assert "not a regular file (a FIFO)" in text, text[-2000:]
+
+
+def test_longest_prefix_resaves(tmp_path):
+    prefix = "p" * (255 - len("-00001-of-00003.safetensors"))
+    sd = _state(6, 1000)
+    for seed in (1, 2):
+        sd = _state(6, 1000, seed=seed)
+        ts.save_sharded(sd, tmp_path, max_shard_size=10**9, prefix=prefix)
+        _equal(torch.load(tmp_path / (prefix + ".safetensors")), sd)
+    assert _files(tmp_path) == [prefix + ".safetensors"]

@@ -245,7 +245,10 @@ def _locked(directory: str) -> Iterator[None]:
 def _replace_with(directory: str, name: str, token: str, write: Callable[[str], None]) -> str:
     """Writes a file under a temporary name unique to this save, then renames it to
     ``name``: a symlink planted at ``name`` is replaced, never written through."""
-    tmp = os.path.join(directory, f".{name}.{token}.partial")
+    tmp_name = f".{name}.{token}.partial"
+    if len(os.fsencode(tmp_name)) > 200:  # a long prefix: keep the name (and the C
+        tmp_name = f".torch_safetensors.{token}.partial"  # writer's own) within NAME_MAX
+    tmp = os.path.join(directory, tmp_name)
     final = os.path.join(directory, name)
     try:
         write(tmp)
@@ -292,9 +295,9 @@ def _cleanup(directory: str, prefix: str, keep: List[str]) -> None:
     shard = _shard_pattern(prefix)
     # the C writer's ".{name}.{16 hex}.tmp", and ".{name}.{token}.partial" (with its own
     # temporary "..{name}.{token}.partial.{16 hex}.tmp") of a save that was killed
-    partial = re.compile(r"\.\.?" + re.escape(prefix) + r"(?:-[^/]*\.safetensors|\.safetensors|"
-                         + re.escape(INDEX_SUFFIX) + r")(?:\.[0-9a-f]{8}\.partial(?:\.[0-9a-f]{16}\.tmp)?"
-                         r"|\.[0-9a-f]{16}\.tmp)")
+    partial = re.compile(r"\.\.?(?:" + re.escape(prefix) + r"(?:-[^/]*\.safetensors|\.safetensors|"
+                         + re.escape(INDEX_SUFFIX) + r")|torch_safetensors)"
+                         r"(?:\.[0-9a-f]{8}\.partial(?:\.[0-9a-f]{16}\.tmp)?|\.[0-9a-f]{16}\.tmp)")
     try:
         entries = os.listdir(directory)
     except OSError as e:
