@@ -50,6 +50,7 @@ def test_help_lists_only_the_statuses_a_command_returns(capsys, command, codes):
 def test_every_positional_has_help():
     parser = _cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
+    assert sub.help
     for name, p in sub.choices.items():
         for action in p._actions:
             if not action.option_strings:
