@@ -438,7 +438,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     header_bytes = sum(f["header_size"] for f in desc["files"])
     for f in desc["files"]:
         if "tree_error" in f:
-            _emit(f"checkpoint tree: {_one_line(f['tree_error'])}\n")
+            _emit(f"checkpoint tree: {_one_line(f['tree_error'])}")
+            _emit()
         if "tree" in f:
             _emit(f"checkpoint tree ({_shown(os.path.basename(f['path']))}, structure version {f['tree']['version']}):")
             for line in _checkpoint.tree_lines(f["tree"]):
