@@ -50,6 +50,7 @@ def test_help_lists_only_the_statuses_a_command_returns(capsys, command, codes):
 def test_every_positional_has_help():
     parser = _cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
+    assert sub.help
     for name, p in sub.choices.items():
         for action in p._actions:
             if not action.option_strings:
@@ -326,3 +327,14 @@ def test_convert_a_legacy_shard_directory_that_disagrees_with_its_index(tmp_path
     torch.save({"b.weight": torch.ones(2, 3), "extra": torch.ones(1)}, tmp_path / "hf" / "pytorch_model-00002-of-00002.bin")
     status, _, err = run(capsys, "convert", tmp_path / "hf", tmp_path / "out")
     assert status == 1 and "extra" in err
+
+
+def test_our_own_line_breaks_are_not_escaped(tmp_path, capsys):
+    p = tmp_path / "s.safetensors"
+    ts.save_file({"a": torch.ones(1)}, p, metadata={"torch_safetensors.structure": "not json\nat all"})
+    status, out, _ = run(capsys, "inspect", p)
+    assert status == 0
+    lines = out.splitlines()
+    i = next(i for i, line in enumerate(lines) if line.startswith("checkpoint tree: "))
+    assert not lines[i].endswith("\\x0a") and lines[i + 1] == ""  # a real blank line after it
+    _assert_clean(out)

@@ -15,6 +15,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 import zipfile
@@ -437,7 +438,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     header_bytes = sum(f["header_size"] for f in desc["files"])
     for f in desc["files"]:
         if "tree_error" in f:
-            _emit(f"checkpoint tree: {_one_line(f['tree_error'])}\n")
+            _emit(f"checkpoint tree: {_one_line(f['tree_error'])}")
+            _emit()
         if "tree" in f:
             _emit(f"checkpoint tree ({_shown(os.path.basename(f['path']))}, structure version {f['tree']['version']}):")
             for line in _checkpoint.tree_lines(f["tree"]):
@@ -923,26 +925,33 @@ def _os_message(e: OSError) -> str:
     return f"{where}{text}"
 
 
+def _wrap(text: str) -> str:
+    """A help description wrapped to the terminal's usual width (argparse's raw
+    formatter keeps our epilog tables as written, so it would not wrap these)."""
+    return textwrap.fill(text, 79)
+
+
 def build_parser(prog: str = _PROG) -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     fmt = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
         prog=prog,
-        description="Inspect, convert and verify safetensors checkpoints (single files, "
-                    "Hugging Face sharded checkpoints and legacy torch pickles).",
+        description=_wrap("Inspect, convert and verify safetensors checkpoints (single files, "
+                    "Hugging Face sharded checkpoints and legacy torch pickles)."),
         epilog=EXIT_STATUSES,
         formatter_class=fmt,
     )
     parser.add_argument("--version", action="version",
                         version=f"%(prog)s {_version()} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="what to do (each COMMAND has its own --help)",
                                 parser_class=_Parser)
 
     p = sub.add_parser("inspect", help="list a checkpoint's tensors, totals and metadata",
-                       description="Print a table of tensors (name, dtype, shape, bytes, offset), "
+                       description=_wrap("Print a table of tensors (name, dtype, shape, bytes, offset), "
                                    "totals, tied names and metadata. Only the headers are read. "
                                    "A legacy torch checkpoint is named as such, with the command "
-                                   "that converts it.",
+                                   "that converts it."),
                        epilog=exit_statuses("inspect"), formatter_class=fmt)
     p.add_argument("file", metavar="FILE",
                    help="a safetensors file, a *.safetensors.index.json, or a checkpoint directory")
@@ -950,7 +959,7 @@ def build_parser(prog: str = _PROG) -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_inspect)
 
     p = sub.add_parser("convert", help="convert a legacy torch checkpoint to safetensors, safely",
-                       description="Convert a legacy checkpoint to safetensors: a torch zip file or "
+                       description=_wrap("Convert a legacy checkpoint to safetensors: a torch zip file or "
                                    "a pre-1.6 pickle (a state dict or a whole training checkpoint), "
                                    "or a Hugging Face directory of pytorch_model-*.bin shards (or "
                                    "its pytorch_model.bin.index.json), which becomes a sharded "
@@ -958,7 +967,7 @@ def build_parser(prog: str = _PROG) -> argparse.ArgumentParser:
                                    "weights_only=True: a file that would run code, or is not a "
                                    "plain weights file, is refused and nothing in it runs. Zip "
                                    "checkpoints are mapped, so their bytes are read as they are "
-                                   "written.",
+                                   "written."),
                        epilog=exit_statuses("convert"), formatter_class=fmt)
     p.add_argument("src", metavar="SRC",
                    help="the legacy checkpoint: a .pt/.pth/.bin file, or a directory of "
@@ -981,7 +990,7 @@ def build_parser(prog: str = _PROG) -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("verify", help="validate files strictly; exit 0 only if all are valid",
-                       description="Validate each FILE strictly with the torch_safetensors reader: "
+                       description=_wrap("Validate each FILE strictly with the torch_safetensors reader: "
                                    "every header rule and the exact file length, plus the "
                                    "whole-checkpoint structure when present. An index or a "
                                    "directory verifies every shard and that the index agrees with "
@@ -989,7 +998,7 @@ def build_parser(prog: str = _PROG) -> argparse.ArgumentParser:
                                    "not checked. With --data every tensor is read and compared "
                                    "with the CRC32C checksums recorded at save time "
                                    "(torch.save(..., checksums=True), save_file(..., "
-                                   "checksums=True), convert --checksums). Prints one line per FILE.",
+                                   "checksums=True), convert --checksums). Prints one line per FILE."),
                        epilog=exit_statuses("verify"), formatter_class=fmt)
     p.add_argument("files", metavar="FILE", nargs="+",
                    help="safetensors files, *.safetensors.index.json files or checkpoint directories")
@@ -998,10 +1007,10 @@ def build_parser(prog: str = _PROG) -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_verify)
 
     p = sub.add_parser("demo", help="train, save, load and refuse a payload on a built-in example",
-                       description="Train a tiny model, save and load it as safetensors through "
+                       description=_wrap("Train a tiny model, save and load it as safetensors through "
                                    "torch.save/torch.load, load a legacy checkpoint, refuse a "
                                    "malicious one, and compare with pickle. Files go to a new "
-                                   "temporary directory that is removed at the end, or to --out.",
+                                   "temporary directory that is removed at the end, or to --out."),
                        epilog=exit_statuses("demo"), formatter_class=fmt)
     p.add_argument("--out", help="directory for the demo's files, kept afterwards (default: a new "
                                  "temporary directory, removed at the end)")
