@@ -38,14 +38,17 @@ class TorchImportHook:
 
     It finds nothing itself: for ``torch`` it asks the finders behind it, and hooks the
     ``exec_module`` of the loader they return (on that loader instance only, so the
-    module keeps its real ``__loader__``). It removes itself on first use.
+    module keeps its real ``__loader__``). It removes itself once torch's module runs,
+    not before: libraries probe with ``importlib.util.find_spec("torch")`` (transformers
+    does) and import it later through a fresh spec.
     """
 
     def find_spec(self, fullname: str, path: "Optional[Sequence[str]]" = None, target: "Any" = None) -> "Any":
         if fullname != "torch":
             return None
-        uninstall()
         for finder in sys.meta_path:
+            if finder is self:
+                continue
             find = getattr(finder, "find_spec", None)
             spec = find(fullname, path, target) if find is not None else None
             if spec is not None:
@@ -58,6 +61,7 @@ class TorchImportHook:
         real_exec = loader.exec_module
 
         def exec_module(module: "Any") -> None:
+            uninstall()
             try:
                 real_exec(module)
             finally:

@@ -316,6 +316,9 @@ static int read_archive(load_state *st, int default_little)
     if (!slash)
         FALLBACK("the first record is not in a folder");
     plen = (size_t)(slash - prefix) + 1;
+    for (size_t i = 0; i < st->n_entries; i++)
+        if (st->entries[i].name_len < plen || memcmp(st->entries[i].name, prefix, plen) != 0)
+            FALLBACK("a record outside the archive's folder"); /* torch refuses */
     for (size_t i = 1; i < st->n_entries; i++) {
         const name_ref *r = &st->refs[i];
         if (ref_cmp(&st->refs[i - 1], r) != 0)
@@ -347,13 +350,50 @@ static int read_archive(load_state *st, int default_little)
             }
         }
     }
-    iv = find_entry(st->refs, st->n_entries, prefix, plen, "version", 7);
+    /* torch reads .data/version when there is one, else version */
+    iv = find_entry(st->refs, st->n_entries, prefix, plen, ".data/version", 13);
     if (iv < 0)
-        iv = find_entry(st->refs, st->n_entries, prefix, plen, ".data/version", 13);
+        iv = find_entry(st->refs, st->n_entries, prefix, plen, "version", 7);
     ipkl = find_entry(st->refs, st->n_entries, prefix, plen, "data.pkl", 8);
     ibo = find_entry(st->refs, st->n_entries, prefix, plen, "byteorder", 9);
     if (iv < 0 || ipkl < 0)
         FALLBACK("no version or data.pkl record");
+    {
+        /* the small records torch reads besides: readable, and .storage_alignment a number */
+        /* digits: 1 a decimal number (int()), 2 UTF-8 text (returned as str) */
+        static const struct {
+            const char *name;
+            int digits;
+        } small[] = {{".format_version", 0}, {".storage_alignment", 1}, {".data/serialization_id", 2}};
+        for (size_t k = 0; k < sizeof(small) / sizeof(small[0]); k++) {
+            long ix = find_entry(st->refs, st->n_entries, prefix, plen, small[k].name,
+                                 strlen(small[k].name));
+            const sp_zip_entry *e;
+            uint64_t doff;
+            if (ix < 0)
+                continue;
+            e = &st->entries[ix];
+            if (e->method != 0 || e->size > 4096)
+                FALLBACK("a small record the reader does not understand");
+            if (win_get(&st->win, e->local_offset, 30, &lh) != 0) {
+                raise_errno_fd(errno);
+                return -1;
+            }
+            if (sp_zip_data_offset(lh, 30, e, st->size, &doff, &err) != SP_OK)
+                FALLBACK("a small record the reader does not understand");
+            if (small[k].digits == 2) {
+                if (win_get(&st->win, doff, (size_t)e->size, &lh) != 0 ||
+                    !sp_utf8_ok(lh, (size_t)e->size, 0))
+                    FALLBACK("a serialization id that is not UTF-8");
+            } else if (small[k].digits) {
+                if (e->size == 0 || win_get(&st->win, doff, (size_t)e->size, &lh) != 0)
+                    FALLBACK("a storage alignment that is not a number");
+                for (size_t c = 0; c < e->size; c++)
+                    if (lh[c] < '0' || lh[c] > '9')
+                        FALLBACK("a storage alignment that is not a number");
+            }
+        }
+    }
     {
         /* the version torch 2.13 reads: 1 to 10, as ASCII digits with an optional newline */
         const sp_zip_entry *e = &st->entries[iv];

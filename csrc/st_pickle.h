@@ -43,6 +43,9 @@ const char *sp_dtype_name(int dtype);
 /* Bytes per element. */
 unsigned sp_dtype_size(int dtype);
 
+/* Whether n bytes are UTF-8 as Python decodes them (surrogates: with "surrogatepass"). */
+int sp_utf8_ok(const uint8_t *s, size_t n, int surrogates);
+
 /* ---- the plan ---- */
 
 typedef enum {

@@ -23,6 +23,13 @@ from torch_safetensors import _C, _default
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
+def _unstorable():
+    """A value pickle stores and safetensors refuses (a documented limit): a numpy
+    object array."""
+    np = pytest.importorskip("numpy")
+    return np.array(["a", None], dtype=object)
+
+
 def _is_safetensors(data: bytes) -> bool:
     return len(data) >= 8 and _C.sniff(data[:4096], len(data))
 
@@ -121,14 +128,8 @@ def test_torch_save_arguments_are_still_checked(default_safetensors, tmp_path):
     assert not (tmp_path / "x.pt").exists()
 
 
-def _object_array():
-    np = pytest.importorskip("numpy")
-    return np.array(["x", None], dtype=object)
-
-
 def test_unstorable_object_raises_naming_its_path_and_writes_nothing(default_safetensors, tmp_path):
-    # a numpy object array: pickle stores it, safetensors never does
-    ck = {"model": {"w": torch.ones(2)}, "hooks": {"fn": _object_array()}}
+    ck = {"model": {"w": torch.ones(2)}, "hooks": {"fn": _unstorable()}}
     with pytest.raises(TypeError) as info:
         torch.save(ck, tmp_path / "bad.pt")
     msg = str(info.value)
@@ -147,7 +148,7 @@ def test_unstorable_object_does_not_damage_the_previous_file(default_safetensors
     torch.save({"w": torch.ones(2)}, target)
     before = target.read_bytes()
     with pytest.raises(TypeError):
-        torch.save({"w": torch.zeros(2), "fn": _object_array()}, target)
+        torch.save({"w": torch.zeros(2), "fn": _unstorable()}, target)
     assert target.read_bytes() == before
 
 
@@ -155,7 +156,7 @@ def test_fallback_writes_pickle_for_that_call_only_with_a_warning(tmp_path):
     saved = (_default._format, _default._fallback)
     try:
         ts.set_default_format("safetensors", fallback="pickle")
-        ck = {"model": {"w": torch.ones(2)}, "hooks": {"fn": _object_array()}}
+        ck = {"model": {"w": torch.ones(2)}, "hooks": {"fn": _unstorable()}}
         with pytest.warns(ts.PickleFallbackWarning) as rec:
             torch.save(ck, tmp_path / "fb.pt")
         msg = str(rec[0].message)
@@ -163,7 +164,7 @@ def test_fallback_writes_pickle_for_that_call_only_with_a_warning(tmp_path):
         assert rec[0].filename == __file__  # points at the caller's torch.save line
         assert _is_torch_zip((tmp_path / "fb.pt").read_bytes())
         got = torch.load(tmp_path / "fb.pt", weights_only=False)
-        assert got["hooks"]["fn"].tolist() == ["x", None]
+        assert got["hooks"]["fn"].tolist() == ["a", None]
         buf = io.BytesIO()
         with pytest.warns(ts.PickleFallbackWarning, match="BytesIO"):
             torch.save(ck, buf)
@@ -184,7 +185,7 @@ def test_an_invalid_target_is_not_a_fallback_case(tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             with pytest.raises((TypeError, AttributeError)):
-                torch.save({"fn": print}, 42)
+                torch.save({"fn": _unstorable()}, 42)
     finally:
         _default._format, _default._fallback = saved
 
@@ -260,7 +261,8 @@ def test_environment_switches_a_process_that_never_imports_it(site_env, tmp_path
 
 
 def test_environment_unset_imports_nothing(site_env):
-    code = "import sys; print(sorted(m for m in sys.modules if 'safetensors' in m or m.split('.')[0] == 'torch'))"
+    ours = ("torch", "torch_safetensors", "_torch_safetensors_startup", "numpy", "safetensors")
+    code = f"import sys; print(sorted(m for m in sys.modules if m.split('.')[0] in {ours!r}))"
     r = _run(site_env, "-c", code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
@@ -285,10 +287,11 @@ def test_environment_pickle_installs_the_loader_only(site_env, tmp_path):
 
 
 def test_environment_fallback(site_env, tmp_path):
+    _unstorable()  # numpy is needed
     code = textwrap.dedent(
         f"""
         import numpy, torch
-        torch.save({{"w": torch.ones(1), "fn": numpy.array(["x", None], dtype=object)}}, {str(tmp_path / 'fb.pt')!r})
+        torch.save({{"w": torch.ones(1), "fn": numpy.array([None], dtype=object)}}, {str(tmp_path / 'fb.pt')!r})
         """
     )
     env = dict(site_env, TORCH_SAFETENSORS_FORMAT="safetensors")
@@ -309,6 +312,23 @@ def test_environment_typo_is_an_error(site_env):
 
 def test_importing_torch_safetensors_first_also_works(site_env, tmp_path):
     code = f"import torch_safetensors, torch; torch.save({{'w': torch.ones(1)}}, {str(tmp_path / 'a.pt')!r})"
+    r = _run(dict(site_env, TORCH_SAFETENSORS_FORMAT="safetensors"), "-c", code)
+    assert r.returncode == 0, r.stderr
+    assert _is_safetensors((tmp_path / "a.pt").read_bytes())
+
+
+def test_a_probe_for_torch_before_importing_it_does_not_disarm_the_hook(site_env, tmp_path):
+    """transformers and others call importlib.util.find_spec("torch") before importing it."""
+    code = textwrap.dedent(
+        f"""
+        import importlib.util, sys
+        for _ in range(2):
+            assert importlib.util.find_spec("torch") is not None
+        assert "torch" not in sys.modules
+        import torch
+        torch.save({{"w": torch.ones(1)}}, {str(tmp_path / 'a.pt')!r})
+        """
+    )
     r = _run(dict(site_env, TORCH_SAFETENSORS_FORMAT="safetensors"), "-c", code)
     assert r.returncode == 0, r.stderr
     assert _is_safetensors((tmp_path / "a.pt").read_bytes())
@@ -356,11 +376,11 @@ def test_installed_distribution_carries_the_startup_hook():
     include the .pth in site-packages, with the line setup.py defines."""
     from importlib import metadata
 
-    try:
-        dist = metadata.distribution("torch_safetensors")
-    except metadata.PackageNotFoundError:
+    # installed by pip: a RECORD (a source tree's egg-info from pip install -e has none)
+    installed = [d for d in metadata.distributions(name="torch_safetensors") if d.read_text("RECORD")]
+    if not installed:
         pytest.skip("torch_safetensors is not installed (tests run from the source tree)")
-    files = [f for f in (dist.files or []) if f.name == "torch_safetensors_startup.pth"]
+    files = [f for f in (installed[0].files or []) if f.name == "torch_safetensors_startup.pth"]
     assert files, "the installed distribution has no torch_safetensors_startup.pth"
     assert files[0].read_text() == _startup_line()
     site_packages = {os.path.realpath(p) for p in __import__("site").getsitepackages()}

@@ -4,6 +4,7 @@ safetensors, and load_state restores everything exactly (the RNG streams too, wh
 accelerate would otherwise skip silently: it ignores any error while loading them)."""
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
@@ -21,6 +22,16 @@ TORCH_SAVED = ("optimizer.bin", "scheduler.bin", "random_states_0.pkl")
 def _is_safetensors(path) -> bool:
     data = open(path, "rb").read()
     return _C.sniff(data[:4096], len(data))
+
+
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """The framework sets environment variables (ACCELERATE_*, ...): none may leak."""
+    env = dict(os.environ)
+    yield
+    for name in set(os.environ) - set(env):
+        del os.environ[name]
+    os.environ.update(env)
 
 
 @pytest.fixture

@@ -30,6 +30,16 @@ def _is_safetensors(path) -> bool:
     return _C.sniff(data[:4096], len(data))
 
 
+@pytest.fixture(autouse=True)
+def _environment_restored():
+    """The framework sets environment variables (ACCELERATE_*, ...): none may leak."""
+    env = dict(os.environ)
+    yield
+    for name in set(os.environ) - set(env):
+        del os.environ[name]
+    os.environ.update(env)
+
+
 @pytest.fixture
 def default_format():
     saved = (_default._format, _default._fallback)
@@ -92,7 +102,8 @@ def test_trainer_checkpoints_are_safetensors_and_resume_exactly(tmp_path, defaul
         for name in TORCH_SAVED:
             assert _is_safetensors(ckpt / name), (step, name)
         assert _is_safetensors(ckpt / "model.safetensors")
-    assert _is_safetensors(tmp_path / "st" / "resumed" / "training_args.bin")
+    for name in TORCH_SAVED:  # the resumed run's own checkpoint
+        assert _is_safetensors(tmp_path / "st" / "resumed" / "checkpoint-4" / name), name
 
     _bitwise_equal(from_st, from_pickle)
     _bitwise_equal(from_st, straight)  # and resuming loses nothing
@@ -114,28 +125,55 @@ def test_trainer_rng_state_and_args_load_back(tmp_path, default_format):
     np.random.set_state(state)
     import random
 
+    saved = random.getstate()
     random.setstate(rng["python"])
+    want = [random.random() for _ in range(3)]
+    random.setstate(rng["python"])
+    assert [random.random() for _ in range(3)] == want
+    random.setstate(saved)
     assert isinstance(rng["cpu"], torch.Tensor) and rng["cpu"].dtype == torch.uint8
 
     # TrainingArguments is a class: rebuilt only when the user allows it
     with pytest.raises(ts.SafetensorError, match="TrainingArguments"):
         torch.load(ckpt / "training_args.bin")
-    with torch.serialization.safe_globals(_training_args_globals()):
+    allow = _training_args_globals(trainer.args)
+    with torch.serialization.safe_globals(allow[1:]):  # one class short: still refused
+        with pytest.raises(ts.SafetensorError, match=allow[0].__qualname__):
+            torch.load(ckpt / "training_args.bin")
+    with torch.serialization.safe_globals(allow):
         args = torch.load(ckpt / "training_args.bin")
     assert type(args) is transformers.TrainingArguments
     assert args.save_steps == 2 and args.learning_rate == 1e-2 and args.output_dir == str(tmp_path)
+    assert args.to_dict() == trainer.args.to_dict()
+    # a caller who trusts the file needs no list, as with pickle
+    assert torch.load(ckpt / "training_args.bin", weights_only=False).to_dict() == trainer.args.to_dict()
 
 
-def _training_args_globals():
-    """What a user allowlists to read training_args.bin back (the class and the enums
-    its fields hold)."""
+def _training_args_globals(args):
+    """What a user allowlists to read training_args.bin back: every class among the
+    values it holds (transformers 5.24 with accelerate 1.15: TrainingArguments,
+    AcceleratorConfig, the enums IntervalStrategy, SaveStrategy, HubStrategy,
+    SchedulerType, OptimizerNames, DistributedType, and accelerate's PartialState,
+    which TrainingArguments caches once the device is set up)."""
     import enum
 
-    args = transformers.TrainingArguments(output_dir="x", report_to=[])
-    found = {transformers.TrainingArguments}
-    for value in vars(args).values():
+    found = set()
+
+    def walk(value):
+        kind = type(value)
         if isinstance(value, enum.Enum):
-            found.add(type(value))
-        elif isinstance(value, (list, tuple)):
-            found.update(type(v) for v in value if isinstance(v, enum.Enum))
+            found.add(kind)
+        elif kind.__module__.split(".")[0] in ("transformers", "accelerate") and hasattr(value, "__dict__"):
+            if kind not in found:
+                found.add(kind)
+                for v in vars(value).values():
+                    walk(v)
+        elif isinstance(value, (list, tuple, set)):
+            for v in value:
+                walk(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                walk(v)
+
+    walk(args)
     return sorted(found, key=lambda c: c.__qualname__)

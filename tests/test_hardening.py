@@ -824,3 +824,40 @@ def test_fileobj_exposing_another_files_descriptor_is_read_through_read(tmp_path
                 return under.fileno()
 
         _equal(torch.load(Wrapper(data)), a)
+
+
+def test_ctrl_c_at_a_shard_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    old = _state(seed=1)
+    ts.save_sharded(old, tmp_path, max_shard_size=10_000)
+    before = {f: (tmp_path / f).read_bytes() for f in _files(tmp_path)}
+    real = _torch.save_safetensors
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_torch, "save_safetensors", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ts.save_sharded(_state(seed=2), tmp_path, max_shard_size=10_000)
+    assert {f: (tmp_path / f).read_bytes() for f in _files(tmp_path)} == before
+    _equal(torch.load(tmp_path), old)
+
+
+def test_dcp_shard_that_is_a_fifo_is_refused_at_once(tmp_path):
+    import torch.distributed.checkpoint as dcp
+    from torch_safetensors.distributed import SafetensorsReader
+
+    sd = _dcp_checkpoint(tmp_path)
+    (shard,) = os.listdir(tmp_path / "dcp-shards")
+    _fifo_at(tmp_path / "dcp-shards" / shard)
+    target = {k: torch.zeros_like(v) for k, v in sd.items()}
+    with _deadline():
+        with pytest.raises(BaseException) as info:  # DCP wraps it: CheckpointException
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dcp.load(target, storage_reader=SafetensorsReader(tmp_path))
+    text = str(info.value) + repr(getattr(info.value, "failures", ""))
+    assert "not a regular file (a FIFO)" in text, text[-2000:]

@@ -632,6 +632,8 @@ def _tensor_refs(obj: Any) -> List[torch.Tensor]:
             stack.extend(reversed(list(v.values())))
         elif isinstance(v, (list, tuple)):
             stack.extend(reversed(v))
+        elif isinstance(v, (set, frozenset)):
+            stack.extend(v)
     return out
 
 

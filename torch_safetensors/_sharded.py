@@ -6,10 +6,12 @@ with sorted keys and two-space indentation, as transformers writes it). A checkp
 that fits in one shard is a single ``{prefix}.safetensors`` with no index, as
 transformers and huggingface_hub name it.
 
-Write order: the old index (and an old single file) are removed first, then every
-shard is written (each atomically and durably), then the index, atomically, LAST; then
-shards of an older save that the new index does not name are deleted. An interrupted
-save therefore never looks complete: there is no index until every shard is in place.
+Write order: new shards take names no file in the directory has (the standard ones
+when free, else ``{prefix}-{8 hex}-00001-of-0000N.safetensors``), each written
+atomically and durably; then the index (or a single file) is renamed into place LAST;
+only then are the old index, an old single file and unnamed shards deleted. At every
+instant the directory holds a complete checkpoint: the old one until the new index
+lands, the new one after, whatever stops the save (an error, Ctrl-C, SIGKILL).
 
 Ties: names that are the same view of the same memory (tied embeddings) are stored
 once, in the shard of their first name; only stored names appear in ``weight_map``
@@ -404,10 +406,12 @@ def save_sharded(
     ``{prefix}.safetensors`` is written and no index, as transformers does. Every file
     carries ``{"format": "pt"}`` metadata.
 
-    The set is written atomically: the previous index goes first, each shard is
-    written to a temporary file and renamed (and flushed to disk), the index comes
-    last, and only then are shards of an older save with another shard count deleted.
-    An interrupted save leaves no index, so it never looks complete.
+    A re-save never destroys the previous checkpoint: new shards get names no file has
+    (standard names when free, else names unique to this save), every file is flushed,
+    the index (or single file) is renamed into place last, and only then are the old
+    index and shards deleted (a failure to delete one is a warning). An interrupted
+    save leaves the previous checkpoint loadable. A symlink planted at a shard's or the
+    index's name is replaced, never written through.
 
     Tied tensors (the same view of the same memory, such as tied embeddings) are stored
     once, in the shard of their first name. ``weight_map`` lists only stored names, as
@@ -431,7 +435,7 @@ def save_sharded(
             the wrong type; the directory is untouched.
         ValueError: max_shard_size or prefix is invalid.
         NotADirectoryError: ``directory`` is an existing file.
-        OSError: a file cannot be written; no index names a half-written set.
+        OSError: a file cannot be written; the previous checkpoint still loads.
 
     Example:
         >>> import torch, torch_safetensors

@@ -514,7 +514,8 @@ def _remove_stale_shards(directory: str, keep: List[str]) -> None:
 
 
 def _open_shard(directory: str, rel: str) -> "_C.Reader":
-    return _C.Reader(os.path.join(directory, rel))
+    # never blocks on a FIFO; a special file is refused, naming it
+    return _source.open_reader(os.path.join(directory, rel), None)
 
 
 def _assemble_full(directory: str, metadata: Metadata,
