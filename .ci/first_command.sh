@@ -46,7 +46,8 @@ grep -q "^demo passed$" "$WORK/out" || fail "the demo did not pass"
 if grep -v "^WARNING: Location 'file://.*' is ignored" "$WORK/err" | grep -Eiq "warning|traceback|error"; then
     fail "the command wrote warnings or errors to stderr"
 fi
-leftover="$(ls -A "$WORK/tmp" | grep -v '^pip-' || true)"
+# pip's build directories and torch's own inductor cache are not the demo's
+leftover="$(ls -A "$WORK/tmp" | grep -Ev '^(pip-|torchinductor_)' || true)"
 [ -z "$leftover" ] || fail "the demo left files in TMPDIR: $leftover"
 grep -E "^(writing the demo's files into|removed) " "$WORK/out"
 echo "first command OK ($(wc -l <"$WORK/out") lines of output, stderr clean)"

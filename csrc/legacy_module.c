@@ -3,6 +3,8 @@
 #include "legacy_module.h"
 
 #include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -68,8 +70,10 @@ typedef struct {
     size_t len;
 } window;
 
-/* Points *out at n bytes at off. Returns 0, or -1 with errno (ENODATA: past the end). */
-static int win_get(window *w, uint64_t off, size_t n, const uint8_t **out)
+/* Points *out at n bytes at off. A miss refills the window from off: all of it when more
+ * small reads follow nearby (readahead), else just the n bytes (a header before a large
+ * record, which is read on its own). Returns 0, or -1 with errno (ENODATA: past the end). */
+static int win_read(window *w, uint64_t off, size_t n, int readahead, const uint8_t **out)
 {
     size_t want;
     if (off <= w->size && n <= w->size - off && off >= w->start && w->len >= n &&
@@ -81,13 +85,18 @@ static int win_get(window *w, uint64_t off, size_t n, const uint8_t **out)
         errno = ENODATA;
         return -1;
     }
-    want = (size_t)(w->size - off < WINDOW ? w->size - off : WINDOW);
+    want = readahead ? (size_t)(w->size - off < WINDOW ? w->size - off : WINDOW) : n;
     if (st_pread_all(w->fd, w->buf, want, off) != 0)
         return -1;
     w->start = off;
     w->len = want;
     *out = w->buf;
     return 0;
+}
+
+static int win_get(window *w, uint64_t off, size_t n, const uint8_t **out)
+{
+    return win_read(w, off, n, 1, out);
 }
 
 /* ---- the zip directory: names sorted case-insensitively, as miniz looks them up ---- */
@@ -116,6 +125,35 @@ static int ref_cmp(const void *pa, const void *pb)
     return ci_cmp(a->name, a->len, b->name, b->len);
 }
 
+static int ref_cmp_exact(const void *pa, const void *pb)
+{
+    const name_ref *a = pa, *b = pb;
+    size_t n = a->len < b->len ? a->len : b->len;
+    int c = memcmp(a->name, b->name, n);
+    return c ? c : (a->len < b->len ? -1 : a->len > b->len);
+}
+
+static int ref_cmp_exact_then_idx(const void *pa, const void *pb)
+{
+    const name_ref *a = pa, *b = pb;
+    int c = ref_cmp_exact(pa, pb);
+    return c ? c : (a->idx < b->idx ? -1 : a->idx > b->idx);
+}
+
+/* the first of refs (sorted by ref_cmp_exact_then_idx) with key's name, or NULL */
+static name_ref *first_match(name_ref *refs, size_t n, const name_ref *key)
+{
+    size_t lo = 0, hi = n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (ref_cmp_exact(&refs[mid], key) < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < n && ref_cmp_exact(&refs[lo], key) == 0 ? &refs[lo] : NULL;
+}
+
 /* index of the entry named prefix + rest, or -1 */
 static long find_entry(const name_ref *refs, size_t n, const uint8_t *prefix, size_t plen,
                        const char *rest, size_t rlen)
@@ -134,6 +172,10 @@ static long find_entry(const name_ref *refs, size_t n, const uint8_t *prefix, si
 
 /* ---- one load ---- */
 
+struct lrec {
+    uint64_t data_off, size;
+};
+
 typedef struct {
     long entry;        /* zip entry of the record */
     uint64_t nbytes;   /* what the pickle claims */
@@ -150,7 +192,8 @@ typedef struct {
     sp_zip_entry *entries;
     size_t n_entries;
     name_ref *refs;
-    uint8_t *tail, *cd, *pkl;
+    uint8_t *tail, *cd, *owned;
+    const uint8_t *pkl;   /* data.pkl (zip) or the main pickle (pre-1.6), inside owned */
     size_t pkl_len;
     sp_plan plan;
     slot *slots;
@@ -160,6 +203,11 @@ typedef struct {
     st_blob *blob;
     st_tensor *handles;   /* per tensor node, in node order */
     PyObject **objs;      /* per node, while building */
+    int legacy;           /* the pre-1.6 format: records are the keys after the pickles */
+    name_ref *lkeys;      /* pre-1.6: storage keys sorted; idx into lrecs */
+    struct lrec *lrecs;   /* pre-1.6: each key's bytes, in file order */
+    size_t n_lkeys;
+    sp_plan keys_plan;    /* pre-1.6: the pickled list of keys */
     const char *reason;   /* why torch's loader decides, when set */
     int records_checked;
     int depth;
@@ -181,6 +229,17 @@ static PyObject *raise_errno_fd(int e)
     }
     errno = e;
     return PyErr_SetFromErrno(PyExc_OSError);
+}
+
+/* PyErr_Format knows neither %.*s nor field widths: format here */
+static void raise_runtime(const char *fmt, ...)
+{
+    char msg[768];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    PyErr_SetString(PyExc_RuntimeError, msg);
 }
 
 #define FALLBACK(why)                                                                          \
@@ -238,6 +297,7 @@ static int read_archive(load_state *st, int default_little)
         FALLBACK("a zip directory the reader does not understand");
     }
     st->n_entries = (size_t)dir.count;
+    /* torch names the archive after its first record's folder */
     if (st->n_entries == 0)
         FALLBACK("an empty zip");
     st->refs = malloc(st->n_entries * sizeof(name_ref));
@@ -251,35 +311,37 @@ static int read_archive(load_state *st, int default_little)
         st->refs[i].idx = (uint32_t)i;
     }
     qsort(st->refs, st->n_entries, sizeof(name_ref), ref_cmp);
-    for (size_t i = 1; i < st->n_entries; i++) {
-        if (ref_cmp(&st->refs[i - 1], &st->refs[i]) == 0) {
-            /* which one torch reads is the zip library's choice: never map such a file */
-            if (st->use_mmap) {
-                PyErr_Format(PyExc_RuntimeError,
-                             "invalid checkpoint: the zip holds two records named %.200s; "
-                             "refusing to map it",
-                             st->refs[i].name);
-                return -1;
-            }
-            FALLBACK("duplicate record names");
-        }
-    }
-    /* torch names the archive after its first record's folder */
     prefix = st->entries[0].name;
     slash = memchr(prefix, '/', st->entries[0].name_len);
     if (!slash)
         FALLBACK("the first record is not in a folder");
     plen = (size_t)(slash - prefix) + 1;
+    for (size_t i = 0; i < st->n_entries; i++)
+        if (st->entries[i].name_len < plen || memcmp(st->entries[i].name, prefix, plen) != 0)
+            FALLBACK("a record outside the archive's folder"); /* torch refuses */
+    for (size_t i = 1; i < st->n_entries; i++) {
+        const name_ref *r = &st->refs[i];
+        if (ref_cmp(&st->refs[i - 1], r) != 0)
+            continue;
+        /* which one torch reads is the zip library's choice: never map such a storage */
+        if (st->use_mmap && r->len > plen + 5 && memcmp(r->name, prefix, plen) == 0 &&
+            memcmp(r->name + plen, "data/", 5) == 0) {
+            raise_runtime(
+                         "invalid checkpoint: the zip holds two storage records named %.*s; "
+                         "refusing to map it",
+                         (int)(r->len > 200 ? 200 : r->len), (const char *)r->name);
+            return -1;
+        }
+        FALLBACK("duplicate record names");
+    }
     if (find_entry(st->refs, st->n_entries, prefix, plen, "constants.pkl", 13) >= 0)
         FALLBACK("a TorchScript archive");
     if (st->use_mmap) {
         /* compressed storages are never mapped as if they were the data */
         for (size_t i = 0; i < st->n_entries; i++) {
             const sp_zip_entry *e = &st->entries[i];
-            if (e->method != 0 && e->name_len > plen + 5 &&
-                ci_cmp(e->name, plen + 5, prefix, plen) == 0 - 0 &&
-                memcmp(e->name, prefix, plen) == 0 && memcmp(e->name + plen, "data/", 5) == 0) {
-                PyErr_Format(PyExc_RuntimeError,
+            if (e->method != 0 && e->name_len > plen + 5 && memcmp(e->name, prefix, plen) == 0 && memcmp(e->name + plen, "data/", 5) == 0) {
+                raise_runtime(
                              "invalid checkpoint: record %.*s is compressed; torch.load(mmap=True) "
                              "would map the compressed bytes as the tensor's data. Load it with "
                              "mmap=False.",
@@ -288,13 +350,50 @@ static int read_archive(load_state *st, int default_little)
             }
         }
     }
-    iv = find_entry(st->refs, st->n_entries, prefix, plen, "version", 7);
+    /* torch reads .data/version when there is one, else version */
+    iv = find_entry(st->refs, st->n_entries, prefix, plen, ".data/version", 13);
     if (iv < 0)
-        iv = find_entry(st->refs, st->n_entries, prefix, plen, ".data/version", 13);
+        iv = find_entry(st->refs, st->n_entries, prefix, plen, "version", 7);
     ipkl = find_entry(st->refs, st->n_entries, prefix, plen, "data.pkl", 8);
     ibo = find_entry(st->refs, st->n_entries, prefix, plen, "byteorder", 9);
     if (iv < 0 || ipkl < 0)
         FALLBACK("no version or data.pkl record");
+    {
+        /* the small records torch reads besides: readable, and .storage_alignment a number */
+        /* digits: 1 a decimal number (int()), 2 UTF-8 text (returned as str) */
+        static const struct {
+            const char *name;
+            int digits;
+        } small[] = {{".format_version", 0}, {".storage_alignment", 1}, {".data/serialization_id", 2}};
+        for (size_t k = 0; k < sizeof(small) / sizeof(small[0]); k++) {
+            long ix = find_entry(st->refs, st->n_entries, prefix, plen, small[k].name,
+                                 strlen(small[k].name));
+            const sp_zip_entry *e;
+            uint64_t doff;
+            if (ix < 0)
+                continue;
+            e = &st->entries[ix];
+            if (e->method != 0 || e->size > 4096)
+                FALLBACK("a small record the reader does not understand");
+            if (win_get(&st->win, e->local_offset, 30, &lh) != 0) {
+                raise_errno_fd(errno);
+                return -1;
+            }
+            if (sp_zip_data_offset(lh, 30, e, st->size, &doff, &err) != SP_OK)
+                FALLBACK("a small record the reader does not understand");
+            if (small[k].digits == 2) {
+                if (win_get(&st->win, doff, (size_t)e->size, &lh) != 0 ||
+                    !sp_utf8_ok(lh, (size_t)e->size, 0))
+                    FALLBACK("a serialization id that is not UTF-8");
+            } else if (small[k].digits) {
+                if (e->size == 0 || win_get(&st->win, doff, (size_t)e->size, &lh) != 0)
+                    FALLBACK("a storage alignment that is not a number");
+                for (size_t c = 0; c < e->size; c++)
+                    if (lh[c] < '0' || lh[c] > '9')
+                        FALLBACK("a storage alignment that is not a number");
+            }
+        }
+    }
     {
         /* the version torch 2.13 reads: 1 to 10, as ASCII digits with an optional newline */
         const sp_zip_entry *e = &st->entries[iv];
@@ -349,13 +448,14 @@ static int read_archive(load_state *st, int default_little)
         if (e->size > SP_MAX_PICKLE)
             FALLBACK("a data.pkl too large for the reader");
         st->pkl_len = (size_t)e->size;
-        st->pkl = malloc(st->pkl_len ? st->pkl_len : 1);
-        if (!st->pkl) {
+        st->owned = malloc(st->pkl_len ? st->pkl_len : 1);
+        if (!st->owned) {
             PyErr_NoMemory();
             return -1;
         }
+        st->pkl = st->owned;
         Py_BEGIN_ALLOW_THREADS
-        rc = st_pread_all(st->fd, st->pkl, st->pkl_len, off);
+        rc = st_pread_all(st->fd, st->owned, st->pkl_len, off);
         Py_END_ALLOW_THREADS
         if (rc != 0) {
             raise_errno_fd(errno);
@@ -373,12 +473,157 @@ static int read_archive(load_state *st, int default_little)
     return 0;
 }
 
+/* ---- the pre-1.6 format: magic, protocol, sys_info, the object, keys, raw storages ---- */
+
+/* the first two pickles exactly as torch writes them: the magic number and 1001 */
+static const uint8_t LEGACY_HEAD[] = {0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20,
+                                      0x6a, 0xa8, 0x50, 0x19, 0x2e, 0x80, 0x02, 0x4d, 0xe9, 0x03,
+                                      0x2e};
+
+/* Reads the pickles and lays out the storages that follow. 0, 1 (torch decides), -1. */
+static int read_legacy(load_state *st)
+{
+    size_t n = (size_t)(st->size < (1u << 20) ? st->size : (1u << 20));
+    sp_error err;
+    sp_plan info;
+    size_t pos, main_at = 0, keys_at = 0;
+    uint64_t off;
+    int rc;
+    memset(&info, 0, sizeof(info));
+    for (;;) {
+        sp_code c;
+        uint8_t *buf = realloc(st->owned, n ? n : 1);
+        if (!buf) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        st->owned = buf;
+        Py_BEGIN_ALLOW_THREADS
+        rc = st_pread_all(st->fd, buf, n, 0);
+        Py_END_ALLOW_THREADS
+        if (rc != 0) {
+            raise_errno_fd(errno);
+            return -1;
+        }
+        if (n < sizeof(LEGACY_HEAD) || memcmp(buf, LEGACY_HEAD, sizeof(LEGACY_HEAD)) != 0)
+            FALLBACK("not the pre-1.6 magic number and protocol");
+        pos = sizeof(LEGACY_HEAD);
+        sp_plan_free(&info);
+        sp_plan_free(&st->plan);
+        sp_plan_free(&st->keys_plan);
+        /* sys_info: read and ignored, as torch does, but it must be in the subset */
+        c = sp_pickle_run_ex(buf + pos, n - pos, 0, &info, &err);
+        if (c == SP_OK) {
+            pos += (size_t)info.stop;
+            main_at = pos;
+            c = sp_pickle_run_ex(buf + pos, n - pos, SP_RUN_LEGACY_IDS, &st->plan, &err);
+        }
+        if (c == SP_OK) {
+            pos += (size_t)st->plan.stop;
+            keys_at = pos;
+            c = sp_pickle_run_ex(buf + pos, n - pos, 0, &st->keys_plan, &err);
+        }
+        if (c == SP_OK) {
+            pos += (size_t)st->keys_plan.stop;
+            break;
+        }
+        sp_plan_free(&info);
+        if (c == SP_NOMEM) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        if (c != SP_TRUNCATED || n == st->size)
+            FALLBACK("a pre-1.6 pickle outside the reader's subset");
+        /* the pickles run past what was read: read more */
+        n = (size_t)(st->size - n < n * 3 ? st->size : n * 4);
+    }
+    sp_plan_free(&info);
+    st->pkl = st->owned + main_at;
+    st->pkl_len = keys_at - main_at;
+    {
+        /* the keys: a list of strings, each naming a storage of the object's pickle */
+        const sp_plan *kp = &st->keys_plan;
+        const sp_node *list = &kp->nodes[kp->root];
+        const uint8_t *kbase = st->owned + keys_at;
+        size_t i = 0;
+        if (list->kind != SP_K_LIST)
+            FALLBACK("pre-1.6 storage keys that are not a list");
+        st->n_lkeys = list->n;
+        st->lkeys = malloc((st->n_lkeys ? st->n_lkeys : 1) * sizeof(name_ref));
+        st->lrecs = malloc((st->n_lkeys ? st->n_lkeys : 1) * sizeof(struct lrec));
+        if (!st->lkeys || !st->lrecs) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (uint32_t e = list->first; e; e = kp->edges[e].next, i++) {
+            const sp_node *k = &kp->nodes[kp->edges[e].child];
+            if (k->kind != SP_K_STR)
+                FALLBACK("a pre-1.6 storage key that is not a string");
+            st->lkeys[i].name = kbase + k->off;
+            st->lkeys[i].len = k->len;
+            st->lkeys[i].idx = (uint32_t)i;
+        }
+    }
+    {
+        /* the element size of each key: from the first storage that names it */
+        name_ref *by_key = malloc((st->plan.n_storages ? st->plan.n_storages : 1) * sizeof(name_ref));
+        size_t ns = 0;
+        if (!by_key) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (uint32_t id = 1; id < st->plan.n_nodes; id++) {
+            const sp_node *nd = &st->plan.nodes[id];
+            if (nd->kind != SP_K_STORAGE)
+                continue;
+            by_key[ns].name = st->pkl + st->plan.nodes[nd->a].off;
+            by_key[ns].len = st->plan.nodes[nd->a].len;
+            by_key[ns].idx = id;
+            ns++;
+        }
+        qsort(by_key, ns, sizeof(name_ref), ref_cmp_exact_then_idx);
+        off = pos;
+        for (size_t i = 0; i < st->n_lkeys; i++) {
+            name_ref *hit = first_match(by_key, ns, &st->lkeys[i]);
+            const uint8_t *h;
+            uint64_t numel, nbytes;
+            unsigned esz;
+            if (!hit) {
+                free(by_key);
+                FALLBACK("a pre-1.6 key that no storage names"); /* torch asserts */
+            }
+            esz = sp_dtype_size(st->plan.nodes[hit->idx].dtype);
+            /* the previous storage's size predicts whether small ones follow */
+            if (win_read(&st->win, off, 8, i == 0 || st->lrecs[i - 1].size <= WINDOW / 4, &h) != 0) {
+                free(by_key);
+                FALLBACK("pre-1.6 storages past the end of the file");
+            }
+            numel = (uint64_t)h[0] | ((uint64_t)h[1] << 8) | ((uint64_t)h[2] << 16) |
+                    ((uint64_t)h[3] << 24) | ((uint64_t)h[4] << 32) | ((uint64_t)h[5] << 40) |
+                    ((uint64_t)h[6] << 48) | ((uint64_t)h[7] << 56);
+            if (numel > UINT64_MAX / esz || (nbytes = numel * esz) > st->size - off - 8) {
+                free(by_key);
+                FALLBACK("pre-1.6 storages past the end of the file");
+            }
+            st->lrecs[i].data_off = off + 8;
+            st->lrecs[i].size = nbytes;
+            off += 8 + nbytes;
+        }
+        free(by_key);
+    }
+    qsort(st->lkeys, st->n_lkeys, sizeof(name_ref), ref_cmp_exact);
+    for (size_t i = 1; i < st->n_lkeys; i++)
+        if (ref_cmp_exact(&st->lkeys[i - 1], &st->lkeys[i]) == 0)
+            FALLBACK("a pre-1.6 key listed twice");
+    return 0;
+}
+
 /* Matches every storage to its record and checks the record. 0, 1 (torch decides), -1. */
 static int check_records(load_state *st, PyObject *cpu_ok)
 {
     sp_plan *p = &st->plan;
-    const uint8_t *prefix = st->entries[0].name, *lh;
-    size_t plen = (size_t)((const uint8_t *)memchr(prefix, '/', st->entries[0].name_len) - prefix) + 1;
+    const uint8_t *prefix = NULL, *lh;
+    size_t plen = 0, n_records = st->legacy ? st->n_lkeys : st->n_entries;
     sp_error err;
     /* locations seen so far and torch's verdict on each (a file holds few) */
     struct {
@@ -390,13 +635,17 @@ static int check_records(load_state *st, PyObject *cpu_ok)
 
     st->slots = calloc(p->n_storages ? p->n_storages : 1, sizeof(slot));
     st->slot_of = calloc(p->n_nodes, sizeof(uint32_t));
-    st->slot_of_entry = malloc(st->n_entries * sizeof(long));
+    st->slot_of_entry = malloc((n_records ? n_records : 1) * sizeof(long));
     if (!st->slots || !st->slot_of || !st->slot_of_entry) {
         PyErr_NoMemory();
         return -1;
     }
-    for (size_t i = 0; i < st->n_entries; i++)
+    for (size_t i = 0; i < n_records; i++)
         st->slot_of_entry[i] = -1;
+    if (!st->legacy) {
+        prefix = st->entries[0].name;
+        plen = (size_t)((const uint8_t *)memchr(prefix, '/', st->entries[0].name_len) - prefix) + 1;
+    }
     for (uint32_t id = 1; id < p->n_nodes; id++) {
         const sp_node *n = &p->nodes[id];
         const sp_node *key, *loc;
@@ -436,13 +685,24 @@ static int check_records(load_state *st, PyObject *cpu_ok)
         }
         if (!locs[j].ok)
             FALLBACK("a storage torch would place on another device");
-        if (key->len + 5 > sizeof(rest))
-            FALLBACK("a storage key too long");
-        memcpy(rest, "data/", 5);
-        memcpy(rest + 5, st->pkl + key->off, key->len);
-        ei = find_entry(st->refs, st->n_entries, prefix, plen, rest, key->len + 5);
-        if (ei < 0)
-            FALLBACK("a storage whose record is missing"); /* torch names it */
+        if (st->legacy) {
+            name_ref k = {st->pkl + key->off, key->len, 0}, *hit;
+            hit = bsearch(&k, st->lkeys, st->n_lkeys, sizeof(name_ref), ref_cmp_exact);
+            ei = hit ? (long)hit->idx : -1;
+            if (ei < 0) /* torch would leave it uninitialized */
+                FALLBACK("a storage missing from the key list");
+        } else {
+            if (key->len + 5 > sizeof(rest))
+                FALLBACK("a storage key too long");
+            memcpy(rest, "data/", 5);
+            memcpy(rest + 5, st->pkl + key->off, key->len);
+            ei = find_entry(st->refs, st->n_entries, prefix, plen, rest, key->len + 5);
+        }
+        if (ei < 0) {
+            /* torch raises for it in every mode, so nothing short can come back */
+            st->records_checked = 1;
+            FALLBACK("a storage whose record is missing");
+        }
         nbytes = (uint64_t)n->v.i;
         if (!(n->flags & SP_F_UNTYPED) &&
             nbytes > UINT64_MAX / sp_dtype_size(n->dtype))
@@ -462,22 +722,26 @@ static int check_records(load_state *st, PyObject *cpu_ok)
         s->entry = ei;
         s->nbytes = nbytes;
         s->dtype = -1;
-        {
+        if (st->legacy) {
+            if (st->lrecs[ei].size != nbytes)
+                FALLBACK("a storage whose bytes differ from its claim"); /* torch says so */
+            s->data_off = st->lrecs[ei].data_off;
+        } else {
             const sp_zip_entry *e = &st->entries[ei];
             if (e->method != 0)
                 FALLBACK("a compressed storage record"); /* mmap refused these already */
             if (e->size < nbytes && st->use_mmap) {
-                PyErr_Format(PyExc_RuntimeError,
-                             "invalid checkpoint: record %.*s holds %llu bytes but its pickle "
-                             "claims %llu; refusing to map it (the tensor would read the bytes "
-                             "that follow the record)",
-                             (int)e->name_len, (const char *)e->name,
-                             (unsigned long long)e->size, (unsigned long long)nbytes);
+                raise_runtime(
+                             "invalid checkpoint: record size %llu of '%.*s' is shorter than "
+                             "the %llu bytes its pickle claims; refusing to map it (the tensor "
+                             "would read the bytes that follow the record)",
+                             (unsigned long long)e->size, (int)e->name_len, (const char *)e->name,
+                             (unsigned long long)nbytes);
                 return -1;
             }
             if (e->size != nbytes && !st->use_mmap)
                 FALLBACK("a record whose size differs from its claim"); /* torch says so */
-            if (win_get(&st->win, e->local_offset, 30, &lh) != 0) {
+            if (win_read(&st->win, e->local_offset, 30, e->size <= WINDOW / 4, &lh) != 0) {
                 raise_errno_fd(errno);
                 return -1;
             }
@@ -739,7 +1003,10 @@ static PyObject *build(load_state *st, uint32_t id)
         }
         break;
     case SP_K_DTYPE:
-        o = Py_NewRef(PyTuple_GET_ITEM(dtype_objs, n->dtype));
+        if (PyTuple_GET_ITEM(dtype_objs, n->dtype) == Py_None)
+            st->reason = "a dtype this torch does not have"; /* torch raises */
+        else
+            o = Py_NewRef(PyTuple_GET_ITEM(dtype_objs, n->dtype));
         break;
     case SP_K_DEVICE: {
         PyObject *type = build(st, n->a);
@@ -840,8 +1107,11 @@ static void state_free(load_state *st)
     free(st->refs);
     free(st->tail);
     free(st->cd);
-    free(st->pkl);
+    free(st->owned);
     free(st->win.buf);
+    free(st->lkeys);
+    free(st->lrecs);
+    sp_plan_free(&st->keys_plan);
 }
 
 /* legacy_load(fd, mmap, cpu_ok, default_little) -> ("ok", obj) or
@@ -867,7 +1137,16 @@ static PyObject *legacy_load(PyObject *self, PyObject *args)
     st.win.buf = malloc(WINDOW);
     if (!st.win.buf)
         return PyErr_NoMemory();
-    rc = read_archive(&st, default_little);
+    {
+        uint8_t head[4] = {0};
+        if (st.size >= 4 && st_pread_all(st.fd, head, 4, 0) != 0) {
+            raise_errno_fd(errno);
+            rc = -1;
+        } else {
+            st.legacy = head[0] == 0x80;
+            rc = st.legacy ? read_legacy(&st) : read_archive(&st, default_little);
+        }
+    }
     if (rc == 0)
         rc = check_records(&st, cpu_ok);
     if (rc == 0)

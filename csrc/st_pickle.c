@@ -50,7 +50,8 @@ static const struct {
 static int grad_dtype(int d)
 {
     return d == SP_F64 || d == SP_F32 || d == SP_F16 || d == SP_BF16 || d == SP_C128 ||
-           d == SP_C64;
+           d == SP_C64 || d == SP_C32 || d == SP_F8E4M3FN || d == SP_F8E5M2 ||
+           d == SP_F8E4M3FNUZ || d == SP_F8E5M2FNUZ || d == SP_F8E8M0FNU || d == SP_F4X2;
 }
 
 /* ---- checked arithmetic ---- */
@@ -143,6 +144,11 @@ static int utf8_ok(const uint8_t *s, size_t n, int surrogates)
     return 1;
 }
 
+int sp_utf8_ok(const uint8_t *s, size_t n, int surrogates)
+{
+    return utf8_ok(s, n, surrogates);
+}
+
 /* whether every code point of valid UTF-8 is below 256 (it encodes as latin1) */
 static int latin1_ok(const uint8_t *s, size_t n)
 {
@@ -201,15 +207,16 @@ typedef struct {
     uint32_t *memo;
     size_t memo_cap;
     uint64_t op_pos;       /* where the current opcode began */
+    unsigned flags;        /* SP_RUN_* */
 } machine;
 
 #define UNSUP(...) fail(m->err, SP_UNSUPPORTED, m->op_pos, __VA_ARGS__)
-#define BAD(...) fail(m->err, SP_MALFORMED, m->op_pos, __VA_ARGS__)
 
 static sp_code take(machine *m, size_t n, const uint8_t **out)
 {
     if (n > m->len - m->pos)
-        return BAD("truncated pickle: %zu bytes needed at byte %zu", n, m->pos);
+        return fail(m->err, SP_TRUNCATED, m->op_pos, "truncated pickle: %zu bytes needed at byte %zu",
+                    n, m->pos);
     *out = m->data + m->pos;
     m->pos += n;
     return SP_OK;
@@ -344,7 +351,7 @@ static sp_code op_global(machine *m)
     for (int k = 0; k < 2; k++) {
         const uint8_t *nl = memchr(m->data + m->pos, '\n', m->len - m->pos);
         if (!nl)
-            return BAD("truncated GLOBAL");
+            return fail(m->err, SP_TRUNCATED, m->op_pos, "truncated GLOBAL");
         line[k] = m->data + m->pos;
         l[k] = (size_t)(nl - line[k]);
         m->pos += l[k] + 1;
@@ -484,7 +491,8 @@ static sp_code rebuild_tensor(machine *m, int which, uint32_t args, uint32_t *ou
         int64_t off = node(m, child(p, args, 1))->v.i;
         for (uint32_t d = 0; d < nd_size; d++)
             empty |= sizes[d] == 0;
-        have = (uint64_t)s->v.i * (s->flags & SP_F_UNTYPED ? 1u : sp_dtype_size(dtype));
+        if (!mul_u64((uint64_t)s->v.i, s->flags & SP_F_UNTYPED ? 1u : sp_dtype_size(dtype), &have))
+            have = UINT64_MAX; /* the record check refuses such a claim later */
         if (off < 0)
             return UNSUP("a negative storage offset");
         if (!empty && (!add_u64(extent, (uint64_t)off + 1, &need) ||
@@ -585,9 +593,10 @@ static sp_code op_reduce(machine *m)
             return UNSUP("torch.device outside the subset");
         if ((rc = new_node(m, SP_K_DEVICE, &id)))
             return rc;
+        /* new_node may have moved the nodes: no pointer taken before it is used */
         node(m, id)->a = type;
-        node(m, id)->b = a->n == 2;
-        node(m, id)->v.i = a->n == 2 ? node(m, idx)->v.i : -1;
+        node(m, id)->b = node(m, args)->n == 2;
+        node(m, id)->v.i = node(m, args)->n == 2 ? node(m, idx)->v.i : -1;
         break;
     }
     case G_ENCODE: {
@@ -617,9 +626,14 @@ static sp_code op_binpersid(machine *m)
     sp_code rc;
     if ((rc = pop(m, &pid)))
         return rc;
-    if (node(m, pid)->kind != SP_K_TUPLE || node(m, pid)->n != 5 ||
+    /* zip: ('storage', type, key, location, numel); pre-1.6 adds a view, None here */
+    if (node(m, pid)->kind != SP_K_TUPLE ||
+        node(m, pid)->n != ((m->flags & SP_RUN_LEGACY_IDS) ? 6u : 5u) ||
         !str_is(m, child(p, pid, 0), "storage"))
         return UNSUP("a persistent id outside the subset");
+    if ((m->flags & SP_RUN_LEGACY_IDS) &&
+        (node(m, child(p, pid, 5))->kind != SP_K_NONE || (node(m, child(p, pid, 1))->flags & SP_F_UNTYPED)))
+        return UNSUP("a pre-1.6 storage view or untyped storage");
     stype = child(p, pid, 1);
     key = child(p, pid, 2);
     loc = child(p, pid, 3);
@@ -898,6 +912,12 @@ static sp_code step(machine *m, uint8_t op)
 
 sp_code sp_pickle_run(const uint8_t *data, size_t len, sp_plan *plan, sp_error *err)
 {
+    return sp_pickle_run_ex(data, len, 0, plan, err);
+}
+
+sp_code sp_pickle_run_ex(const uint8_t *data, size_t len, unsigned flags, sp_plan *plan,
+                         sp_error *err)
+{
     machine m;
     sp_code rc = SP_OK;
     uint32_t dummy;
@@ -910,6 +930,7 @@ sp_code sp_pickle_run(const uint8_t *data, size_t len, sp_plan *plan, sp_error *
     m.len = len;
     m.plan = plan;
     m.err = err;
+    m.flags = flags;
     if (len > SP_MAX_PICKLE)
         return fail(err, SP_UNSUPPORTED, 0, "pickle of %zu bytes is too large", len);
     /* node 0 is the "none" link */
@@ -945,34 +966,44 @@ sp_code sp_zip_find_dir(const uint8_t *tail, size_t tail_len, uint64_t file_size
     size_t i;
     if (tail_len < 22 || tail_len > file_size)
         return fail(err, SP_UNSUPPORTED, 0, "too short for a zip");
-    /* the last end-of-central-directory signature whose comment reaches the end */
+    /* the last end-of-central-directory signature, as torch's zip library finds it;
+     * its comment must then reach the end exactly, or torch decides */
     for (i = tail_len - 22 + 1; i-- > 0;) {
         const uint8_t *e = tail + i;
-        if (le32(e) != 0x06054b50u || (size_t)le16(e + 20) != tail_len - i - 22)
+        if (le32(e) != 0x06054b50u)
             continue;
-        if (le16(e + 4) != 0 || le16(e + 6) != 0 || le16(e + 8) != le16(e + 10))
-            return fail(err, SP_UNSUPPORTED, tail_start + i, "multi-disk zip");
-        dir->count = le16(e + 10);
-        dir->cd_size = le32(e + 12);
-        dir->cd_offset = le32(e + 16);
-        if (dir->count == 0xFFFF || dir->cd_size == 0xFFFFFFFFu ||
-            dir->cd_offset == 0xFFFFFFFFu) {
-            /* zip64: the locator sits just before, pointing at the zip64 record */
-            const uint8_t *loc, *rec;
-            uint64_t rec_off;
-            if (i < 20 || le32(tail + i - 20) != 0x07064b50u)
-                return fail(err, SP_UNSUPPORTED, tail_start + i, "zip64 locator missing");
-            loc = tail + i - 20;
-            rec_off = le64(loc + 8);
-            if (rec_off < tail_start || rec_off - tail_start > i - 20 ||
-                i - 20 - (rec_off - tail_start) < 56)
-                return fail(err, SP_UNSUPPORTED, tail_start + i, "zip64 record not in the tail");
-            rec = tail + (rec_off - tail_start);
-            if (le32(rec) != 0x06064b50u)
-                return fail(err, SP_UNSUPPORTED, rec_off, "bad zip64 record");
-            dir->count = le64(rec + 32);
-            dir->cd_size = le64(rec + 40);
-            dir->cd_offset = le64(rec + 48);
+        if ((size_t)le16(e + 20) != tail_len - i - 22)
+            return fail(err, SP_UNSUPPORTED, tail_start + i, "bytes after the zip's end record");
+        {
+            /* the fields as torch's zip library (miniz) reads them: from the zip64 record
+             * whenever a locator with a valid record precedes the end record */
+            uint64_t count = le16(e + 10), on_disk = le16(e + 8), ndisk = le16(e + 4);
+            uint64_t cdisk = le16(e + 6), cd_size = le32(e + 12), cd_off = le32(e + 16);
+            if (i >= 20 && le32(tail + i - 20) == 0x07064b50u) {
+                const uint8_t *loc = tail + i - 20, *rec;
+                uint64_t rec_off = le64(loc + 8);
+                if (rec_off < tail_start || rec_off - tail_start > i - 20 ||
+                    i - 20 - (rec_off - tail_start) < 56)
+                    return fail(err, SP_UNSUPPORTED, tail_start + i, "zip64 record not in the tail");
+                rec = tail + (rec_off - tail_start);
+                if (le32(rec) == 0x06064b50u) {
+                    if (le64(rec + 4) < 44 || le32(loc + 16) != 1)
+                        return fail(err, SP_UNSUPPORTED, rec_off, "a zip64 record torch refuses");
+                    count = le64(rec + 32);
+                    on_disk = le64(rec + 24);
+                    cd_size = le64(rec + 40);
+                    ndisk = le32(rec + 16);
+                    cdisk = le32(rec + 20);
+                    cd_off = le64(rec + 48);
+                    if (count > UINT32_MAX || on_disk > UINT32_MAX || cd_size > UINT32_MAX)
+                        return fail(err, SP_UNSUPPORTED, rec_off, "a zip64 record torch refuses");
+                }
+            }
+            if (count != on_disk || ndisk != 0 || cdisk != 0)
+                return fail(err, SP_UNSUPPORTED, tail_start + i, "multi-disk zip");
+            dir->count = count;
+            dir->cd_size = cd_size;
+            dir->cd_offset = cd_off;
         }
         if (dir->cd_offset > file_size || dir->cd_size > file_size - dir->cd_offset)
             return fail(err, SP_MALFORMED, tail_start + i, "central directory past the end");
@@ -1006,12 +1037,19 @@ sp_code sp_zip_parse_dir(const uint8_t *cd, size_t len, const sp_zip_dir *dir,
         total = 46 + nlen + xlen + clen;
         if (total > len - pos)
             goto bad;
-        if (le16(h + 8) & 1u) { /* encrypted */
+        /* encrypted or masked entries, entries on another disk, and what the zip library
+         * takes for a directory (an MS-DOS directory attribute): torch decides */
+        if ((le16(h + 8) & 0x2041u) || le16(h + 34) != 0 || (le32(h + 38) & 0x10u) ||
+            (nlen && h[46 + nlen - 1] == '/')) {
             free(es);
-            return fail(err, SP_UNSUPPORTED, pos, "encrypted zip entry");
+            return fail(err, SP_UNSUPPORTED, dir->cd_offset + pos, "an encrypted, multi-disk or directory zip entry");
         }
         e->name = h + 46;
         e->name_len = (uint16_t)nlen;
+        if (!utf8_ok(e->name, nlen, 0)) { /* torch lists the names as str */
+            free(es);
+            return fail(err, SP_UNSUPPORTED, dir->cd_offset + pos, "a record name that is not UTF-8");
+        }
         e->method = le16(h + 10);
         e->comp_size = le32(h + 20);
         e->size = le32(h + 24);
@@ -1045,7 +1083,10 @@ sp_code sp_zip_parse_dir(const uint8_t *cd, size_t len, const sp_zip_dir *dir,
             if (!found)
                 goto bad;
         }
-        if (e->local_offset > file_size || e->comp_size > file_size)
+        /* the zip library's own consistency rules */
+        if ((e->method == 0 && e->comp_size != e->size) || (e->size && !e->comp_size) ||
+            e->local_offset > file_size || e->comp_size > file_size ||
+            e->comp_size + 30 > file_size - e->local_offset)
             goto bad;
         pos += total;
     }

@@ -20,6 +20,7 @@ typedef enum {
     SP_UNSUPPORTED, /* valid or not, outside what this engine reads: torch decides */
     SP_MALFORMED,   /* bytes that cannot be what they claim */
     SP_NOMEM,
+    SP_TRUNCATED,   /* the pickle runs past the bytes given */
 } sp_code;
 
 typedef struct {
@@ -41,6 +42,9 @@ typedef enum {
 const char *sp_dtype_name(int dtype);
 /* Bytes per element. */
 unsigned sp_dtype_size(int dtype);
+
+/* Whether n bytes are UTF-8 as Python decodes them (surrogates: with "surrogatepass"). */
+int sp_utf8_ok(const uint8_t *s, size_t n, int surrogates);
 
 /* ---- the plan ---- */
 
@@ -97,6 +101,14 @@ typedef struct {
  * the plan holds every value; sp_plan_free releases it whatever the outcome. */
 sp_code sp_pickle_run(const uint8_t *data, size_t len, sp_plan *plan, sp_error *err);
 void sp_plan_free(sp_plan *plan);
+
+/* Flags of sp_pickle_run_ex. */
+#define SP_RUN_LEGACY_IDS 1u /* pre-1.6 persistent ids: a sixth item, the view (None) */
+
+/* sp_pickle_run with flags. SP_TRUNCATED: the pickle runs past the bytes given (a
+ * caller reading a stream retries with more). */
+sp_code sp_pickle_run_ex(const uint8_t *data, size_t len, unsigned flags, sp_plan *plan,
+                         sp_error *err);
 
 /* ---- torch's zip container ---- */
 

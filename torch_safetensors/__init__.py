@@ -56,6 +56,7 @@ from ._api import (  # noqa: E402
     storage_ptr,
     storage_size,
 )
+from ._async import async_save, release_async_buffers  # noqa: E402
 from ._default import PickleFallbackWarning, get_default_format, set_default_format  # noqa: E402
 from ._sharded import load_sharded, save_sharded  # noqa: E402
 from ._torch import install, installed, uninstall  # noqa: E402
@@ -66,6 +67,7 @@ __all__ = [
     "TensorSpec",
     "UnsupportedTensorError",
     "__version__",
+    "async_save",
     "deserialize",
     "get_default_format",
     "install",
@@ -74,6 +76,7 @@ __all__ = [
     "load_file",
     "load_model",
     "load_sharded",
+    "release_async_buffers",
     "safe_open",
     "save",
     "save_file",

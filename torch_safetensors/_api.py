@@ -11,7 +11,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Uni
 
 import torch
 
-from . import _C, _core
+from . import _C, _checksums, _core
 from ._core import SafetensorError
 
 FILE_PATH = Union[str, "os.PathLike[str]"]
@@ -88,6 +88,7 @@ def save_file(
     metadata: Optional[Dict[str, str]] = None,
     *,
     durable: bool = False,
+    checksums: bool = False,
 ) -> None:
     """Saves a dict of tensors to a safetensors file, atomically.
 
@@ -103,6 +104,9 @@ def save_file(
             before returning (``fdatasync`` + directory ``fsync``), so the new file
             survives a power loss. Off by default, as with ``torch.save``: it costs
             the time to write the whole file to the device.
+        checksums: record each tensor's CRC32C in the header metadata (key
+            ``torch_safetensors.checksums``, ignored by other readers), so that
+            ``torch-safetensors verify --data`` can tell a corrupted file from a good one.
 
     Returns:
         None
@@ -119,15 +123,18 @@ def save_file(
         >>> from torch_safetensors import save_file
         >>> save_file({"weight": torch.zeros(2, 3)}, "model.safetensors")
     """
-    _c_save(_as_dict(tensors), metadata, os.fspath(filename), durable=durable)
+    tensors = _as_dict(tensors)
+    _c_save(tensors, _with_checksums(tensors, metadata, checksums), os.fspath(filename), durable=durable)
 
 
-def save(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> bytes:
+def save(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None, *,
+         checksums: bool = False) -> bytes:
     """Serializes a dict of tensors to safetensors bytes.
 
     Args:
         tensors: names to dense tensors.
         metadata: optional text metadata (``str`` -> ``str``).
+        checksums: record each tensor's CRC32C in the metadata (see :func:`save_file`).
 
     Returns:
         The bytes of a safetensors file.
@@ -140,7 +147,19 @@ def save(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = 
         >>> load(data)["bias"].sum().item()
         4.0
     """
-    return _c_save(_as_dict(tensors), metadata)
+    tensors = _as_dict(tensors)
+    return _c_save(tensors, _with_checksums(tensors, metadata, checksums))
+
+
+def _with_checksums(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]],
+                    checksums: bool) -> Optional[Dict[str, str]]:
+    if not checksums:
+        return metadata
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TypeError(f"metadata must be a dict of str to str, not {type(metadata).__name__}")
+    meta = dict(metadata or {})
+    meta.update(_checksums.metadata_for(tensors))
+    return meta
 
 
 # ---- loading ----

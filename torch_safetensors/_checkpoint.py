@@ -157,7 +157,9 @@ def view_key(t: torch.Tensor) -> Optional[tuple]:
     None for empty tensors, which never tie."""
     if t.numel() == 0:
         return None
-    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+    # t and t.conj() (or a negative view) share memory but are different values
+    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()),
+            t.is_conj(), t.is_neg())
 
 
 _COMPRESSED = {
