@@ -655,6 +655,8 @@ HOSTILE = {
     "nested_empty": {"tk": "nested", "layout": "strided", "parts": []},
     "nested_bad_layout": {"tk": "nested", "layout": "ragged", "parts": [{"t": "w"}]},
     "kind_unknown": {"tk": "pickle", "data": {"t": "w"}},
+    "kind_not_str": {"tk": {"d": {}}, "data": {"t": "w"}},  # found by fuzz/fuzz_structure.py
+    "nested_layout_list": {"tk": "nested", "layout": ["strided"], "parts": [{"t": "w"}]},
     "kind_extra_field": {"tk": "complex", "data": {"t": "w"}, "code": "x"},
     "tensor_extra_field": {"t": "w", "__class__": "os:system"},
     "tensor_object_number_negative": {"t": "w", "o": -1},
@@ -853,3 +855,39 @@ def test_inspect_tree_of_a_hostile_structure_reports_and_lists_tensors(tmp_path,
     assert _cli.main(["inspect", str(p)]) == 0
     out = capsys.readouterr().out
     assert "checkpoint tree: invalid" in out and "w  " in out
+
+
+def test_structure_fuzzer_runs_clean_for_a_few_seconds():
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "fuzz", "fuzz_structure.py"), "5", "7"],
+                         capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "structure fuzzer:" in out.stdout and " inputs," in out.stdout
+
+
+def make_plain_dict():
+    """An allowlisted callable that returns an instance of a class nobody allowed."""
+    return WithState(1)
+
+
+def test_state_goes_only_into_allowed_classes():
+    doc = {"obj": {"call": f"{__name__}:make_plain_dict", "state": {"d": {"w2": 8}}}}
+    data = _crafted(doc)
+    with torch.serialization.safe_globals([make_plain_dict]):
+        with pytest.raises(SafetensorError, match="WithState"):
+            torch.load(io.BytesIO(data))
+    with torch.serialization.safe_globals([make_plain_dict, WithState]):
+        assert torch.load(io.BytesIO(data)).w == 4
+
+
+def test_huge_int_refused_fast_even_where_the_int_limit_is_lifted():
+    old = sys.get_int_max_str_digits()
+    sys.set_int_max_str_digits(0)  # a program may lift CPython's limit; ours stays
+    try:
+        text = '{"version":2,"root":{"l":[1,' + "9" * 2_000_000 + "]}}"
+        start = time.monotonic()
+        with pytest.raises(SafetensorError, match="digits"):
+            _checkpoint.unflatten({}, {STRUCTURE_KEY: text})
+        assert time.monotonic() - start < 5
+    finally:
+        sys.set_int_max_str_digits(old)
+    assert _checkpoint.unflatten({}, {STRUCTURE_KEY: '{"version":2,"root":{"l":[' + "9" * 4300 + "]}}"})[0] > 0

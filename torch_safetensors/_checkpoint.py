@@ -635,7 +635,7 @@ class _Builder:
 
     def kind(self, node: Dict[str, Any], depth: int) -> Any:
         tk = node.get("tk")
-        if tk not in _KIND_FIELDS:
+        if type(tk) is not str or tk not in _KIND_FIELDS:
             raise _bad(f"unknown tensor kind {str(tk)[:40]!r}")
         extra = set(node) - _KIND_FIELDS[tk] - {"tk", "p", "g"}
         if extra:
@@ -680,7 +680,7 @@ class _Builder:
             parts = node.get("parts")
             if type(parts) is not list or not parts:
                 raise _bad("a nested tensor has no parts")
-            layout = {"strided": torch.strided, "jagged": torch.jagged}.get(node.get("layout"))
+            layout = {"strided": torch.strided, "jagged": torch.jagged}.get(str(node.get("layout")))
             if layout is None:
                 raise _bad("unknown nested tensor layout")
             tensors = []
@@ -921,6 +921,10 @@ class _Builder:
                 if not callable(target):
                     raise _bad(f"{name} is not callable")
                 obj = target(*args, **kwargs)
+            if ("state" in body or "list" in body or "dict" in body) and not self.allow.owns(obj):
+                # as weights_only's BUILD: state goes only into instances of allowed classes
+                raise _bad(f"{name} returned a {_type_name(obj)}, whose class this process has not allowed "
+                           "to receive state", "not_allowed")
             if "state" in body:
                 _set_state(obj, self.build(body["state"], depth + 1))
             if "list" in body:
@@ -1038,7 +1042,7 @@ def unflatten(
         raise _bad(f"parsing it could take {spent:,} bytes, more than its memory budget of "
                    f"{budget:,} ({BUDGET_FACTOR}x the structure text, at least {BUDGET_FLOOR:,})", "budget")
     try:
-        doc = json.loads(text, parse_constant=_raise_constant)
+        doc = json.loads(text, parse_constant=_raise_constant, parse_int=_parse_int)
     except RecursionError:
         raise _bad("nested too deeply") from None
     except ValueError as e:
@@ -1054,6 +1058,19 @@ def unflatten(
         return _Builder(tensors, version=version, trusted=trusted, budget=budget, spent=spent).build(root, 0)
     except RecursionError:
         raise _bad("nested too deeply") from None
+
+
+MAX_INT_DIGITS = 4300  # CPython's default limit, kept even where a program lifts it
+
+
+def _parse_int(text: str) -> int:
+    """JSON ints of bounded length: converting a huge one is quadratic."""
+    if len(text) > MAX_INT_DIGITS + 1:
+        raise _bad(f"an integer of {len(text):,} digits (at most {MAX_INT_DIGITS} are read)")
+    try:
+        return int(text)
+    except ValueError:
+        raise _bad(f"an integer of {len(text):,} digits cannot be read") from None
 
 
 def _raise_constant(c: str) -> Any:
@@ -1083,7 +1100,7 @@ def describe(text: str, tensors: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     if estimate(text) > budget_for(text):
         raise _bad("too large to describe within the memory budget", "budget")
     try:
-        doc = json.loads(text, parse_constant=_raise_constant)
+        doc = json.loads(text, parse_constant=_raise_constant, parse_int=_parse_int)
     except RecursionError:
         raise _bad("nested too deeply") from None
     except ValueError as e:

@@ -360,7 +360,7 @@ def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any
                     # the strict reader explains it (or reads it, if the sniff missed it)
                     with _explained(e):
                         reader = _C.Reader(fd=fd, mmap=mmap is not False)
-                    return _finish(reader, map_location)
+                    return _finish(reader, map_location, trusted)
             finally:
                 os.close(fd)
         elif hasattr(f, "read"):
@@ -383,7 +383,7 @@ def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any
                     raise
                 with _explained(e):
                     reader = _C.Reader(data=data)
-                return _finish(reader, map_location)
+                return _finish(reader, map_location, trusted)
     return _legacy(f, bound)
 
 

@@ -224,6 +224,10 @@ class Allowlist:
             self._allowed = table
         return self._allowed
 
+    def owns(self, obj: Any) -> bool:
+        """Whether obj's class is allowed (or the file is trusted): state may go into it."""
+        return self.trusted or any(type(obj) is v for v in self.allowed().values())
+
     def resolve(self, ref: Any, role: str) -> Any:
         """The object a ``module:qualname`` reference names, if this process allows it.
 
