@@ -178,6 +178,29 @@ def test_fallback_writes_pickle_for_that_call_only_with_a_warning(tmp_path):
         _default._format, _default._fallback = saved
 
 
+@pytest.mark.parametrize("shape", ["cycle", "colliding names"])
+def test_objects_pickle_stores_but_the_structure_cannot(tmp_path, shape):
+    """A cycle, or keys whose dotted names collide: ValueError with the same hint, and
+    the fallback covers them too."""
+    if shape == "cycle":
+        obj = {"w": torch.ones(1), "loop": []}
+        obj["loop"].append(obj["loop"])
+    else:
+        obj = {"a.b": torch.ones(1), "a": {"b": torch.zeros(1)}}
+    saved = (_default._format, _default._fallback)
+    try:
+        ts.set_default_format("safetensors")
+        with pytest.raises(ValueError, match="TORCH_SAFETENSORS_FALLBACK=pickle"):
+            torch.save(obj, tmp_path / "x.pt")
+        assert not (tmp_path / "x.pt").exists()
+        ts.set_default_format("safetensors", fallback="pickle")
+        with pytest.warns(ts.PickleFallbackWarning, match="x.pt"):
+            torch.save(obj, tmp_path / "x.pt")
+        assert _is_torch_zip((tmp_path / "x.pt").read_bytes())
+    finally:
+        _default._format, _default._fallback = saved
+
+
 def test_an_invalid_target_is_not_a_fallback_case(tmp_path):
     saved = (_default._format, _default._fallback)
     try:

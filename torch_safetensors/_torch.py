@@ -510,15 +510,19 @@ def _save_by_default(
 ) -> bool:
     """Saves as safetensors because that is the default format. False when the object
     cannot be stored and the fallback to pickle is on (nothing was written: paths are
-    written atomically and file objects only after the whole file is built)."""
+    written atomically and file objects only after the whole file is built).
+
+    Cannot be stored: a TypeError (a value the format refuses), or a ValueError about
+    the object's shape that pickle does not mind (a cycle, keys whose dotted names
+    collide)."""
     try:
         save_safetensors(obj, f, metadata, durable=durable, checksums=checksums)
         return True
-    except TypeError as e:
-        if not (_is_path(f) or hasattr(f, "write")):
+    except (TypeError, ValueError) as e:
+        if not (_is_path(f) or hasattr(f, "write")) or type(e) not in (TypeError, ValueError):
             raise
         if _default.fallback() != "pickle":
-            raise TypeError(
+            raise type(e)(
                 f"{e}\n(torch.save to {_target_name(f)} writes safetensors because the default format is "
                 f"safetensors ({_default.ENV_FORMAT} or set_default_format); pass "
                 f"format='pickle' to this call, or set {_default.ENV_FALLBACK}=pickle to "
