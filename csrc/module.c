@@ -15,6 +15,8 @@
 #include "st_aten.h"
 #include "st_engine.h"
 #include "st_file.h"
+#include "legacy_module.h"
+#include "st_hash.h"
 #include "st_write.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
@@ -264,6 +266,11 @@ error:
     return NULL;
 }
 
+PyObject *st_py_wrap_handles(st_tensor *h, Py_ssize_t n)
+{
+    return wrap_handles(h, n);
+}
+
 /* ---- Reader: a validated file and its table ---- */
 
 typedef struct {
@@ -340,13 +347,18 @@ static PyObject *Reader_alloc(PyTypeObject *type)
     return (PyObject *)r;
 }
 
+#define ST_MAP_HINT                                                                  \
+    ": the process is out of address space or has reached its limit of mappings "   \
+    "(vm.max_map_count, see /proc/sys/vm/max_map_count); load with mmap=False to "   \
+    "read the data into memory instead"
+
 /* Maps (or reads the header of) and validates an open file. fd is the Reader's
  * from here on when owned; a borrowed fd is never closed (dup'ed when kept). */
 static int Reader_open_fd(Reader *r, int fd, int owned, int use_mmap)
 {
     st_error err;
     st_code rc = ST_OK;
-    int sys_errno = 0;
+    int sys_errno = 0, map_failed = 0;
     uint64_t size = 0, n = 0;
     uint8_t prefix[8];
     uint8_t *hdr = NULL;
@@ -357,28 +369,17 @@ static int Reader_open_fd(Reader *r, int fd, int owned, int use_mmap)
         sys_errno = errno;
     } else if (size < ST_PREFIX_LEN) {
         rc = st_read_prefix(prefix, 0, size, &n, &err);
-    } else if (use_mmap) {
-        if (size > SIZE_MAX) {
-            sys_errno = EFBIG;
-        } else {
-            r->blob = st_blob_map(fd, (size_t)size);
-            if (!r->blob)
-                sys_errno = errno;
-            else
-                rc = st_parse(r->blob->base, r->blob->len, &r->table, &err);
-        }
-        /* tensors are served from this mapping; the file is never reopened */
-        if (owned)
-            close(fd);
-        owned = 0;
-        fd = -1;
+    } else if (use_mmap && size > SIZE_MAX) {
+        sys_errno = EFBIG;
     } else {
-        if (!owned) {
+        if (!owned && !use_mmap) {
             fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
             owned = fd >= 0;
             if (fd < 0)
                 sys_errno = errno;
         }
+        /* the header is copied out with pread and parsed there, also when mapping:
+         * a file truncated while we parse gives ENODATA, never SIGBUS */
         if (sys_errno) {
             /* nothing to read from */
         } else if (st_pread_all(fd, prefix, sizeof(prefix), 0) != 0) {
@@ -394,6 +395,20 @@ static int Reader_open_fd(Reader *r, int fd, int owned, int use_mmap)
                 rc = st_parse_header(hdr, (size_t)n, size, &r->table, &err);
             free(hdr);
         }
+        if (use_mmap) {
+            if (!sys_errno && rc == ST_OK) {
+                r->blob = st_blob_map(fd, (size_t)size);
+                if (!r->blob) {
+                    sys_errno = errno;
+                    map_failed = 1;
+                }
+            }
+            /* tensors are served from this mapping; the file is never reopened */
+            if (owned)
+                close(fd);
+            owned = 0;
+            fd = -1;
+        }
     }
     Py_END_ALLOW_THREADS
 
@@ -401,7 +416,14 @@ static int Reader_open_fd(Reader *r, int fd, int owned, int use_mmap)
     if (sys_errno || rc != ST_OK) {
         if (owned && fd >= 0)
             close(fd);
-        if (sys_errno == ENOMEM)
+        if (sys_errno == ENOMEM && map_failed && r->path)
+            /* mmap's ENOMEM is most often the per-process map count, not memory */
+            PyErr_Format(PyExc_MemoryError, "cannot map %S (%llu bytes)" ST_MAP_HINT, r->path,
+                         (unsigned long long)size);
+        else if (sys_errno == ENOMEM && map_failed)
+            PyErr_Format(PyExc_MemoryError, "cannot map the file (%llu bytes)" ST_MAP_HINT,
+                         (unsigned long long)size);
+        else if (sys_errno == ENOMEM)
             PyErr_NoMemory();
         else if (sys_errno == ENODATA)
             raise_safetensor(PyUnicode_FromString(
@@ -1164,7 +1186,37 @@ static PyObject *mod_live_mappings(PyObject *self, PyObject *unused)
     return PyLong_FromLong(st_blob_live());
 }
 
+/* ---- checksums ---- */
+
+/* crc32c(data, value=0, *, portable=False) -> int: CRC32C of a buffer, continuing from
+ * value; the GIL is released while it runs. */
+static PyObject *mod_crc32c(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"data", "value", "portable", NULL};
+    Py_buffer view;
+    unsigned long value = 0;
+    int portable = 0;
+    uint32_t crc;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*|k$p:crc32c", kwlist, &view, &value,
+                                     &portable))
+        return NULL;
+    if (value > 0xFFFFFFFFul) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "crc32c: value is a 32-bit checksum");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    crc = portable ? st_crc32c_portable((uint32_t)value, view.buf, (size_t)view.len)
+                   : st_crc32c((uint32_t)value, view.buf, (size_t)view.len);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLong(crc);
+}
+
 static PyMethodDef module_methods[] = {
+    {"crc32c", (PyCFunction)(void (*)(void))mod_crc32c, METH_VARARGS | METH_KEYWORDS,
+     "crc32c(data, value=0, *, portable=False) -> int: CRC32C of a buffer."},
     {"init", (PyCFunction)(void (*)(void))mod_init, METH_VARARGS | METH_KEYWORDS,
      "Finds libtorch's C ABI; returns the features found."},
     {"write_atomic", (PyCFunction)(void (*)(void))mod_write_atomic, METH_VARARGS | METH_KEYWORDS,
@@ -1190,6 +1242,7 @@ PyMODINIT_FUNC PyInit__C(void);
 
 PyMODINIT_FUNC PyInit__C(void)
 {
+    st_crc32c_init();
     PyObject *m = PyModule_Create(&module_def);
     if (!m)
         return NULL;
@@ -1234,6 +1287,8 @@ PyMODINIT_FUNC PyInit__C(void)
         PyModule_AddObjectRef(m, "Mapping", (PyObject *)&Mapping_Type) < 0 ||
         PyModule_AddIntConstant(m, "MAX_HEADER_LEN", (long)ST_MAX_HEADER_LEN) < 0 ||
         PyModule_AddIntConstant(m, "MAX_DEPTH", ST_MAX_DEPTH) < 0)
+        goto error;
+    if (st_legacy_register(m) < 0)
         goto error;
     return m;
 error:

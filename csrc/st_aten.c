@@ -8,6 +8,7 @@
 #include <string.h>
 
 st_aten_api st_aten;
+static void *cpu_lib; /* libtorch_cpu, once found */
 
 /* ---- symbol lookup ---- */
 
@@ -76,6 +77,7 @@ int st_aten_init(const char *libtorch_cpu, const char *libtorch_python, char *ms
         snprintf(msg, n, "libtorch is not loaded from %s: %s", libtorch_cpu, dlerror());
         return -1;
     }
+    cpu_lib = cpu;
     if (libtorch_python)
         py = dlopen(libtorch_python, RTLD_NOW | RTLD_NOLOAD);
 
@@ -130,4 +132,9 @@ int st_aten_dtype_to_st(int32_t c)
         if (st_aten.dtype[i] == c)
             return i;
     return -1;
+}
+
+int32_t st_aten_code(const char *getter)
+{
+    return code(cpu_lib, getter, NULL);
 }

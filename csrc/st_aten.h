@@ -60,6 +60,9 @@ extern st_aten_api st_aten;
  * given). Returns 0, or -1 with a message in msg. */
 int st_aten_init(const char *libtorch_cpu, const char *libtorch_python, char *msg, size_t n);
 
+/* The code an ATen getter returns (e.g. aoti_torch_dtype_complex128), or -1. */
+int32_t st_aten_code(const char *getter);
+
 /* The st_dtype of a torch dtype code, or -1 if the format has none. */
 int st_aten_dtype_to_st(int32_t code);
 

@@ -2,9 +2,10 @@
 # run.sh: builds a libFuzzer target over the format engine (ASan + UBSan) into fuzz/build/
 # and runs it for SECONDS on one core; prints executions, coverage and corpus size.
 #
-# Usage: fuzz/run.sh SECONDS [engine|plan]
+# Usage: fuzz/run.sh SECONDS [engine|plan|pickle]
 #   engine (default): fuzz_engine.c, st_parse + invariants + writer round trip + st_sniff
 #   plan:             fuzz_plan.c, st_plan_write over decoded items, read back
+#   pickle:           fuzz_pickle.c, the legacy checkpoint engine (st_pickle.c): plan invariants
 # Environment: CC (default: the first of clang, clang-19, clang-16, clang-14 found),
 #   COVERAGE=0 skips the line-coverage build, FUZZ_ARGS adds libFuzzer flags.
 # Exits non-zero when a regression input or the fuzzer finds a crash, a sanitizer report,
@@ -12,17 +13,19 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 SECONDS [engine|plan]" >&2
+    echo "usage: $0 SECONDS [engine|plan|pickle]" >&2
     exit 2
 }
 [ $# -ge 1 ] && [ $# -le 2 ] || usage
 secs=$1
 target=${2:-engine}
 case "$secs" in '' | *[!0-9]*) usage ;; esac
-case "$target" in engine | plan) ;; *) usage ;; esac
+case "$target" in engine | plan | pickle) ;; *) usage ;; esac
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(dirname "$here")
+engine_src=$root/csrc/st_engine.c
+if [ "$target" = pickle ]; then engine_src=$root/csrc/st_pickle.c; fi
 build=$here/build
 work=$build/corpus-$target
 artifacts=$build/artifacts
@@ -57,7 +60,7 @@ src=$here/fuzz_$target.c
 cflags=(-g -O1 -fno-omit-frame-pointer -Wall -Wextra -I"$root/csrc")
 echo "== building $bin with $CC"
 "$CC" "${cflags[@]}" -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-    "$root/csrc/st_engine.c" "$src" -o "$bin"
+    "$engine_src" "$src" -o "$bin"
 
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
@@ -89,6 +92,9 @@ fuzz_args=(-max_total_time="$secs" -max_len=65536 -timeout=5 -rss_limit_mb=2048
 if [ "$target" = engine ]; then
     cp -f "$here"/corpus/* "$work"/
     fuzz_args+=(-dict="$here/safetensors.dict")
+elif [ "$target" = pickle ]; then
+    cp -f "$here"/corpus_pickle/* "$work"/
+    fuzz_args+=(-dict="$here/pickle.dict")
 fi
 before=$(find "$work" -type f | wc -l)
 echo "== fuzzing $target for ${secs}s on 1 worker; corpus $work ($before inputs); log $log"
@@ -129,19 +135,19 @@ if [ "${COVERAGE:-1}" != 0 ] && [ -x "$llvm_bin/llvm-profdata" ] && [ -x "$llvm_
     cov_bin=$build/cov_$target
     prof=$build/cov-$target
     "$CC" "${cflags[@]}" -O0 -fprofile-instr-generate -fcoverage-mapping -fsanitize=fuzzer \
-        "$root/csrc/st_engine.c" "$src" -o "$cov_bin"
+        "$engine_src" "$src" -o "$cov_bin"
     rm -f "$prof".profraw
     # -runs=0: execute the corpus once and stop
     LLVM_PROFILE_FILE=$prof.profraw "$cov_bin" -runs=0 "$work" >"$build/cov-$target.log" 2>&1 || true
     if [ -s "$prof.profraw" ]; then
         "$llvm_bin/llvm-profdata" merge -sparse "$prof.profraw" -o "$prof.profdata"
         "$llvm_bin/llvm-cov" report "$cov_bin" -instr-profile="$prof.profdata" \
-            "$root/csrc/st_engine.c" >"$prof-report.txt"
+            "$engine_src" >"$prof-report.txt"
         "$llvm_bin/llvm-cov" show "$cov_bin" -instr-profile="$prof.profdata" \
-            "$root/csrc/st_engine.c" >"$prof-show.txt"
+            "$engine_src" >"$prof-show.txt"
         # columns: regions missed cover functions missed cover lines missed cover [branches]
-        awk '/st_engine\.c/ {
-                printf "   st_engine.c line coverage: %s (%d of %d lines), regions %s, functions %s\n",
+        awk -v f="$(basename "$engine_src")" 'index($1, f) {
+                printf "   " f " line coverage: %s (%d of %d lines), regions %s, functions %s\n",
                        $10, $8 - $9, $8, $4, $7 }' "$prof-report.txt"
         echo "   uncovered lines: grep -E '^ +[0-9]+\\| +0\\|' $prof-show.txt"
     else

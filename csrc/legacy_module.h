@@ -1,0 +1,17 @@
+/* legacy_module.h: the Python binding of the legacy checkpoint engine (st_pickle.c),
+ * registered on torch_safetensors._C by module.c. */
+#ifndef LEGACY_MODULE_H
+#define LEGACY_MODULE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "st_aten.h"
+
+/* Adds legacy_init and legacy_load to the module. Returns 0, or -1 with an exception. */
+int st_legacy_register(PyObject *module);
+
+/* module.c: turns n handles into a list of tensors (consumes the handles). */
+PyObject *st_py_wrap_handles(st_tensor *h, Py_ssize_t n);
+
+#endif
