@@ -432,6 +432,21 @@ def plot(r: Dict[str, Any], axes: Any, colors: Dict[str, str]) -> None:
         ax.axis("off")
 
 
+def plot_alone(r: Dict[str, Any], path: str, title: str) -> None:
+    """The streams row as a figure of its own."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 4, figsize=(16.8, 3.4))
+    plot(r, axes, {"ours": "#1f5fbf", "torch": "#e07b00", "safetensors": "#2e9e4f"})
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def _val(x: Any) -> float:
     return x["extra_peak"] / x["model"] if x and "extra_peak" in x else 0.0
 
@@ -455,6 +470,7 @@ if __name__ == "__main__":
         ap.add_argument("--size-gib", type=float, default=0.5)
         ap.add_argument("--repeat", type=int, default=5)
         ap.add_argument("--threads", type=int, default=1)
+        ap.add_argument("--out", help="directory for results-streams.json and .png")
         a = ap.parse_args()
         torch.set_num_threads(a.threads)
         wd = tempfile.mkdtemp(prefix="tsbench-streams-")
@@ -463,6 +479,14 @@ if __name__ == "__main__":
         finally:
             shutil.rmtree(wd, ignore_errors=True)
         print(table(res))
+        if a.out:
+            os.makedirs(a.out, exist_ok=True)
+            with open(os.path.join(a.out, "results-streams.json"), "w") as f:
+                json.dump({"streams": res, "targets": targets(res), "loadavg": os.getloadavg(),
+                           "torch": torch.__version__}, f, indent=1)
+            plot_alone(res, os.path.join(a.out, "results-streams.png"),
+                       f"streams and async_save, {res['bytes'] / MIB:.0f} MiB llm state dict, "
+                       f"torch {torch.__version__}, {os.cpu_count()} CPUs, median of {a.repeat}")
         for t in targets(res):
             v = f"{t['value']:.3f}" if "value" in t else "-"
             print(f"{t['figure']:<60} {t['target']:>8} {v:>8}  {'met' if t['met'] else 'NOT MET' if t['met'] is False else 'not run'}")

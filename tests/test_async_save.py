@@ -220,6 +220,30 @@ def test_snapshot_copies_only_contiguous_cpu_tensors():
     assert _C.snapshot([(a, 0, 12)], _C.tensor_memory(buf, writable=True)) == [0]  # size mismatch
 
 
+def test_large_snapshot_split_over_threads_is_exact():
+    from torch_safetensors import _C
+
+    # over the parallel threshold, odd sizes so the shares split inside tensors
+    g = torch.Generator().manual_seed(1)
+    ts_ = [torch.randint(0, 255, (n,), dtype=torch.uint8, generator=g)
+           for n in (33_554_467, 7, 0, 25_165_843, 12_582_917)]
+    skip = torch.arange(1000.0)[::2]  # strided: skipped, its bytes left as they were
+    items, off = [], 5
+    for t in ts_[:2] + [skip] + ts_[2:]:
+        n = t.numel() * t.element_size()
+        items.append((t, off, n))
+        off += n
+    buf = torch.full((off + 3,), 0xAB, dtype=torch.uint8)
+    rest = _C.snapshot(items, _C.tensor_memory(buf, writable=True))
+    assert rest == [2]
+    for t, o, n in items:
+        if t is skip:
+            assert bool((buf[o : o + n] == 0xAB).all())
+        else:
+            assert torch.equal(buf[o : o + n], t)
+    assert bool((buf[:5] == 0xAB).all()) and bool((buf[off:] == 0xAB).all())
+
+
 def test_pooled_buffer_is_reused(tmp_path):
     ts.release_async_buffers()
     sd = {"a": torch.ones(1000)}
@@ -279,6 +303,22 @@ def test_a_killed_save_leaves_the_previous_file(tmp_path):
     assert r.returncode == -9
     out = torch.load(p)
     assert list(out) == ["old"] or len(out) == 32  # the old file, or the complete new one
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_async_save_works_in_a_forked_child(tmp_path):
+    ts.async_save({"a": torch.ones(3)}, tmp_path / "parent.safetensors").result(timeout=60)
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's writer thread does not exist here
+        code = 1
+        try:
+            ts.async_save({"a": torch.full((3,), 2.0)}, tmp_path / "child.safetensors").result(timeout=30)
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert torch.equal(torch.load(tmp_path / "child.safetensors")["a"], torch.full((3,), 2.0))
 
 
 MEM_SCRIPT = textwrap.dedent(

@@ -101,6 +101,19 @@ _executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
 _last: Optional["concurrent.futures.Future[None]"] = None
 
 
+def _after_fork_in_child() -> None:
+    """A forked child has no writer thread: start afresh (the parent's saves are its own)."""
+    global _pool, _lock, _executor, _last
+    _pool = _Pool()
+    _lock = threading.Lock()
+    _executor = None
+    _last = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def release_async_buffers() -> int:
     """Frees the idle snapshot buffers kept for the next ``async_save``.
 
