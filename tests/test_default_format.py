@@ -333,6 +333,28 @@ def test_environment_typo_is_an_error(site_env):
     assert "TORCH_SAFETENSORS_FORMAT" in r.stderr and "'safetensor'" in r.stderr
 
 
+def test_a_broken_installation_fails_loudly_rather_than_writing_pickle(site_env, tmp_path):
+    """The variable is set but torch_safetensors cannot be imported (here: only the hook
+    module is on the path): import torch fails, naming the variable."""
+    hook_only = tmp_path / "hook_only"
+    hook_only.mkdir()
+    shutil.copy(ROOT / "_torch_safetensors_startup.py", hook_only)
+    custom = site_env["PYTHONPATH"].split(os.pathsep)[0]
+    env = dict(site_env, PYTHONPATH=os.pathsep.join([custom, str(hook_only)]),
+               TORCH_SAFETENSORS_FORMAT="safetensors")
+    env.pop(_default.ENV_FORMAT)
+    probe = "import importlib.util; print(importlib.util.find_spec('torch_safetensors') is None)"
+    r = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    if r.stdout.strip() != "True":
+        pytest.skip("torch_safetensors is installed: it cannot be hidden from the hook here")
+    env[_default.ENV_FORMAT] = "safetensors"
+    r = subprocess.run([sys.executable, "-c", "import torch"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "TORCH_SAFETENSORS_FORMAT is set, but torch_safetensors cannot be imported" in r.stderr
+
+
 def test_importing_torch_safetensors_first_also_works(site_env, tmp_path):
     code = f"import torch_safetensors, torch; torch.save({{'w': torch.ones(1)}}, {str(tmp_path / 'a.pt')!r})"
     r = _run(dict(site_env, TORCH_SAFETENSORS_FORMAT="safetensors"), "-c", code)
