@@ -5,7 +5,8 @@ One command runs every workload, operation and alternative, alternating their or
 across repetitions, and writes a table (stdout and results.txt), results.json and
 results.png into --out (default benchmarks/results/). See benchmarks/README.md.
 
-    python benchmarks/run.py            # the full run (~1 GiB LLM, 20,000 small tensors)
+    python benchmarks/run.py            # the full run (~1 GiB LLM, 20,000 small tensors,
+                                        # streams and async_save at 0.5 GiB)
     python benchmarks/run.py --quick    # small sizes, for development
 """
 from __future__ import annotations
@@ -40,6 +41,7 @@ TORCH_LOAD = getattr(torch.load, _MARK, torch.load)
 import safetensors  # noqa: E402
 import safetensors.torch as st  # noqa: E402
 
+import streams  # noqa: E402
 import torch_safetensors as ts  # noqa: E402
 import workloads  # noqa: E402
 
@@ -478,7 +480,6 @@ def measure_rss(b: Bench, args: argparse.Namespace) -> Dict[str, Any]:
 TARGETS = [
     # figure, workload, op, ours, other, limit
     ("LLM save / torch.save", "llm", "save", "torch", 0.5),
-    ("LLM save / safetensors save_file", "llm", "save", "safetensors", 0.8),
     ("LLM save / one write() of the same bytes", "llm", "save", "write", 1.5),
     ("LLM load+copy / safetensors", "llm", "load+copy", "safetensors", 1.0),
     ("LLM load+copy / torch.load(mmap=True)", "llm", "load+copy", "torch-mmap", 1.0),
@@ -518,6 +519,8 @@ def evaluate(report: Dict[str, Any]) -> List[Dict[str, Any]]:
         except KeyError:
             row["met"] = None
         rows.append(row)
+    if "streams" in report:
+        rows += streams.targets(report["streams"])
     return rows
 
 
@@ -560,6 +563,8 @@ def table(report: Dict[str, Any]) -> str:
                          f"{ld['extra_peak'] / MIB:.1f}" if ld else "-",
                          f"{ld['after_copy']['RssAnon'] / MIB:.1f}" if ld else "-"]
                 lines.append(f"  {LABELS[c]:<72} {cells[0]:>10} {cells[1]:>10} {cells[2]:>10} {cells[3]:>10}")
+    if "streams" in report:
+        lines.append(streams.table(report["streams"]))
     lines.append("\n== targets (ours = torch.save(format='safetensors') / torch.load; medians) ==")
     lines.append(f"{'figure':<60} {'target':>13} {'measured':>9} {'rep. range':>14}  result")
     for t in report["targets"]:
@@ -584,7 +589,10 @@ def plot(report: Dict[str, Any], path: str) -> None:
 
     wls = list(report["workloads"])
     cols = OPS + ["extra peak RSS"]
-    fig, axes = plt.subplots(len(wls), len(cols), figsize=(4.2 * len(cols), 2.9 * len(wls)), squeeze=False)
+    rows = len(wls) + (1 if "streams" in report else 0)
+    fig, axes = plt.subplots(rows, len(cols), figsize=(4.2 * len(cols), 2.9 * rows), squeeze=False)
+    if "streams" in report:
+        streams.plot(report["streams"], axes[len(wls)], COLORS)
     for i, w in enumerate(wls):
         r = report["workloads"][w]
         for j, op in enumerate(cols):
@@ -679,6 +687,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (default 1: see README, 'threads')")
     ap.add_argument("--no-rss", action="store_true", help="skip the fresh-process memory runs")
+    ap.add_argument("--streams-gib", type=float,
+                    help="model size for the file-object and async_save runs; default 0.5, quick 1/16")
+    ap.add_argument("--no-streams", action="store_true", help="skip the file-object and async_save runs")
     ap.add_argument("--out", default=os.path.join(HERE, "results"), help="output directory")
     ap.add_argument("--workdir", help="where the benchmark files go (default: a temporary directory)")
     ap.add_argument("--no-plot", action="store_true")
@@ -701,6 +712,7 @@ def main() -> None:
     args.size_gib = args.size_gib or (1 / 16 if args.quick else 1.0)
     args.small_count = args.small_count or (2000 if args.quick else 20000)
     args.repeat = args.repeat or (3 if args.quick else 5)
+    args.streams_gib = args.streams_gib or (1 / 16 if args.quick else 0.5)
     keys = ["ours"] + [k for k in args.alts.split(",") if k and k != "ours"]
     unknown = [k for k in keys if k not in ALT_BY_KEY]
     if unknown:
@@ -716,6 +728,7 @@ def main() -> None:
         "env": environment(),
         "config": {"quick": args.quick, "size_gib": args.size_gib, "small_count": args.small_count,
                    "repeat": args.repeat, "threads": args.threads, "alternatives": keys, "ops": ops, "command": sys.argv,
+                   "streams_gib": None if args.no_streams else args.streams_gib,
                    "workdir": workdir},
         "method": METHOD,
         "labels": LABELS,
@@ -737,6 +750,8 @@ def main() -> None:
                 b.cleanup()
                 del b
                 gc.collect()
+        if not args.no_streams:
+            report["streams"] = streams.run(args.streams_gib, args.repeat, workdir, log)
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -783,6 +798,10 @@ METHOD = {
            "for load), then VmHWM reset with /proc/self/clear_refs=5; extra peak = VmHWM after - "
            "VmRSS before. File pages mapped by mmap loaders count in RSS (RssFile) though they are "
            "shared page cache; after_load/after_copy break RSS into RssAnon and RssFile",
+    "streams": "benchmarks/streams.py: the llm workload at --streams-gib; extra peak RSS of saves to "
+               "and loads from file objects, each in a fresh process (a BytesIO's own bytes not "
+               "counted); seconds until save calls return and, for async ones, until the file "
+               "is written: one warm-up round, then --repeat rounds in rotating order",
     "verification": "every loader's result and every saver's file (read back) equal the originals "
                     "(names, dtypes, shapes, torch.equal); safetensors-format files are also read by "
                     "the other safetensors implementation",

@@ -16,6 +16,8 @@
 #include "st_engine.h"
 #include "st_file.h"
 #include "legacy_module.h"
+#include "st_hash.h"
+#include "st_write.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "torch_safetensors supports little-endian hosts only: the format stores little-endian data"
@@ -345,13 +347,18 @@ static PyObject *Reader_alloc(PyTypeObject *type)
     return (PyObject *)r;
 }
 
+#define ST_MAP_HINT                                                                  \
+    ": the process is out of address space or has reached its limit of mappings "   \
+    "(vm.max_map_count, see /proc/sys/vm/max_map_count); load with mmap=False to "   \
+    "read the data into memory instead"
+
 /* Maps (or reads the header of) and validates an open file. fd is the Reader's
  * from here on when owned; a borrowed fd is never closed (dup'ed when kept). */
 static int Reader_open_fd(Reader *r, int fd, int owned, int use_mmap)
 {
     st_error err;
     st_code rc = ST_OK;
-    int sys_errno = 0;
+    int sys_errno = 0, map_failed = 0;
     uint64_t size = 0, n = 0;
     uint8_t prefix[8];
     uint8_t *hdr = NULL;
@@ -362,28 +369,17 @@ static int Reader_open_fd(Reader *r, int fd, int owned, int use_mmap)
         sys_errno = errno;
     } else if (size < ST_PREFIX_LEN) {
         rc = st_read_prefix(prefix, 0, size, &n, &err);
-    } else if (use_mmap) {
-        if (size > SIZE_MAX) {
-            sys_errno = EFBIG;
-        } else {
-            r->blob = st_blob_map(fd, (size_t)size);
-            if (!r->blob)
-                sys_errno = errno;
-            else
-                rc = st_parse(r->blob->base, r->blob->len, &r->table, &err);
-        }
-        /* tensors are served from this mapping; the file is never reopened */
-        if (owned)
-            close(fd);
-        owned = 0;
-        fd = -1;
+    } else if (use_mmap && size > SIZE_MAX) {
+        sys_errno = EFBIG;
     } else {
-        if (!owned) {
+        if (!owned && !use_mmap) {
             fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
             owned = fd >= 0;
             if (fd < 0)
                 sys_errno = errno;
         }
+        /* the header is copied out with pread and parsed there, also when mapping:
+         * a file truncated while we parse gives ENODATA, never SIGBUS */
         if (sys_errno) {
             /* nothing to read from */
         } else if (st_pread_all(fd, prefix, sizeof(prefix), 0) != 0) {
@@ -399,6 +395,20 @@ static int Reader_open_fd(Reader *r, int fd, int owned, int use_mmap)
                 rc = st_parse_header(hdr, (size_t)n, size, &r->table, &err);
             free(hdr);
         }
+        if (use_mmap) {
+            if (!sys_errno && rc == ST_OK) {
+                r->blob = st_blob_map(fd, (size_t)size);
+                if (!r->blob) {
+                    sys_errno = errno;
+                    map_failed = 1;
+                }
+            }
+            /* tensors are served from this mapping; the file is never reopened */
+            if (owned)
+                close(fd);
+            owned = 0;
+            fd = -1;
+        }
     }
     Py_END_ALLOW_THREADS
 
@@ -406,7 +416,14 @@ static int Reader_open_fd(Reader *r, int fd, int owned, int use_mmap)
     if (sys_errno || rc != ST_OK) {
         if (owned && fd >= 0)
             close(fd);
-        if (sys_errno == ENOMEM)
+        if (sys_errno == ENOMEM && map_failed && r->path)
+            /* mmap's ENOMEM is most often the per-process map count, not memory */
+            PyErr_Format(PyExc_MemoryError, "cannot map %S (%llu bytes)" ST_MAP_HINT, r->path,
+                         (unsigned long long)size);
+        else if (sys_errno == ENOMEM && map_failed)
+            PyErr_Format(PyExc_MemoryError, "cannot map the file (%llu bytes)" ST_MAP_HINT,
+                         (unsigned long long)size);
+        else if (sys_errno == ENOMEM)
             PyErr_NoMemory();
         else if (sys_errno == ENODATA)
             raise_safetensor(PyUnicode_FromString(
@@ -822,7 +839,11 @@ static PyObject *Reader_tensors(Reader *r, PyObject *args, PyObject *kwds)
     if (names == Py_None) {
         seq = Reader_offset_keys(r, NULL);
     } else {
+        /* a private tuple: hashing a str subclass below runs Python, which may change
+         * the caller's list */
         seq = PySequence_Fast(names, "names must be a sequence of str");
+        if (seq && PyList_Check(seq))
+            Py_SETREF(seq, PyList_AsTuple(seq));
     }
     if (!seq)
         return NULL;
@@ -975,623 +996,36 @@ static PyTypeObject Reader_Type = {
     .tp_new = Reader_new,
 };
 
-/* ---- saving ---- */
+/* ---- for the binding files (st_write.c) ---- */
 
-typedef struct {
-    st_tensor handle;
-    void *data;          /* contiguous CPU bytes, or NULL when materialized at write time */
-    int64_t ndim;
-    int64_t *sizes;      /* borrowed from the handle */
-    uint64_t *shape;     /* header shape */
-    uint64_t nbytes;
-    uintptr_t lo, hi;    /* memory range, for sharing checks */
-    int32_t dtype_code;
-    int32_t device_type, device_index;
-    int on_cpu;
-    size_t index;        /* position in the caller's order */
-} save_item;
-
-/* Handles for a list of tensors, owned by the caller. */
-static int tensors_to_handles(PyObject *tensors, st_tensor *out, Py_ssize_t n)
+PyObject *st_py_tensor_type(void)
 {
-    PyObject *caps;
-    if (st_aten.from_pyobject) {
-        for (Py_ssize_t i = 0; i < n; i++) {
-            if (st_aten.from_pyobject(PyList_GET_ITEM(tensors, i), &out[i]) != 0) {
-                raise_aten(PyExc_RuntimeError, "could not read a tensor", NULL);
-                return -1;
-            }
-        }
-        return 0;
-    }
-    if (!make_handles_fn) {
-        PyErr_SetString(PyExc_RuntimeError, "torch offers no way to read tensor handles");
-        return -1;
-    }
-    caps = PyObject_CallOneArg(make_handles_fn, tensors);
-    if (!caps)
-        return -1;
-    if (!PyList_Check(caps) || PyList_GET_SIZE(caps) != n) {
-        Py_DECREF(caps);
-        PyErr_SetString(PyExc_RuntimeError, "torch returned an unexpected handle list");
-        return -1;
-    }
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *cap = PyList_GET_ITEM(caps, i);
-        out[i] = PyCapsule_CheckExact(cap) ? PyCapsule_GetPointer(cap, NULL) : NULL;
-        if (!out[i]) {
-            PyErr_Clear();
-            /* the remaining handles cannot be recovered; they leak rather than crash */
-            Py_DECREF(caps);
-            PyErr_SetString(PyExc_RuntimeError, "torch returned an unexpected handle");
-            return -1;
-        }
-    }
-    Py_DECREF(caps);
-    return 0;
+    return tensor_type;
 }
 
-static int cmp_range(const void *a, const void *b)
+PyObject *st_py_make_handles_fn(void)
 {
-    const save_item *x = *(save_item *const *)a, *y = *(save_item *const *)b;
-    if (x->device_type != y->device_type)
-        return x->device_type < y->device_type ? -1 : 1;
-    if (x->device_index != y->device_index)
-        return x->device_index < y->device_index ? -1 : 1;
-    if (x->lo != y->lo)
-        return x->lo < y->lo ? -1 : 1;
-    return x->index < y->index ? -1 : x->index > y->index;
+    return make_handles_fn;
 }
 
-/* Bytes staged per copy when a tensor is not contiguous CPU memory. */
-#define ST_STAGE_BYTES ((size_t)64 << 20)
-
-typedef int (*chunk_sink)(void *ctx, const uint8_t *data, size_t len);
-
-/* Copies a non-contiguous or non-CPU tensor to the CPU in row blocks of at most
- * ST_STAGE_BYTES (or one row, when a row is larger) and hands each block to sink.
- * Extra memory stays bounded whatever the tensor's size. Returns 0, -1 when torch
- * failed, or the sink's non-zero result. */
-static int stage_tensor(const save_item *it, chunk_sink sink, void *ctx)
+PyObject *st_py_shared_memory_error(void)
 {
-    st_tensor stage = NULL, src = NULL, dst = NULL;
-    int64_t *strides = NULL, *stage_strides = NULL, *sizes = NULL;
-    int64_t rows, per, row_bytes = 1;
-    size_t esize = st_aten.dtype_element_size(it->dtype_code);
-    int64_t nd = it->ndim ? it->ndim : 1;
-    int rc = -1;
-    void *base;
-
-    sizes = malloc((size_t)nd * sizeof(int64_t));
-    stage_strides = malloc((size_t)nd * sizeof(int64_t));
-    if (!sizes || !stage_strides)
-        goto done;
-    if (it->ndim == 0) {
-        sizes[0] = 1;
-        rows = 1;
-    } else {
-        memcpy(sizes, it->sizes, (size_t)nd * sizeof(int64_t));
-        rows = sizes[0];
-    }
-    for (int64_t d = 1; d < nd; d++)
-        row_bytes *= sizes[d];
-    row_bytes *= (int64_t)esize;
-    per = 1;
-    if (row_bytes > 0 && (size_t)row_bytes < ST_STAGE_BYTES)
-        per = (int64_t)(ST_STAGE_BYTES / (size_t)row_bytes);
-    if (per > rows)
-        per = rows;
-    if (st_aten.get_strides(it->handle, &strides) != 0)
-        goto done;
-    {
-        int64_t stride = 1;
-        for (int64_t d = nd; d-- > 0;) {
-            stage_strides[d] = stride;
-            stride *= sizes[d] > 1 ? sizes[d] : 1;
-        }
-    }
-    sizes[0] = per;
-    if (st_aten.empty_strided(nd, sizes, stage_strides, it->dtype_code, st_aten.device_cpu, -1,
-                              &stage) != 0) {
-        stage = NULL;
-        goto done;
-    }
-    if (st_aten.get_data_ptr(stage, &base) != 0)
-        goto done;
-    for (int64_t r = 0; r < rows; r += per) {
-        int64_t n = rows - r < per ? rows - r : per;
-        /* reinterpret takes an increment on the tensor's own storage offset */
-        int64_t src_offset = it->ndim ? r * strides[0] : 0;
-        int sink_rc;
-        sizes[0] = n;
-        if (st_aten.reinterpret(it->handle, nd, sizes, it->ndim ? strides : stage_strides,
-                                src_offset, &src) != 0) {
-            src = NULL;
-            goto done;
-        }
-        if (st_aten.reinterpret(stage, nd, sizes, stage_strides, 0, &dst) != 0) {
-            dst = NULL;
-            goto done;
-        }
-        if (st_aten.copy_(dst, src, 0) != 0)
-            goto done;
-        st_aten.delete_tensor(src);
-        st_aten.delete_tensor(dst);
-        src = dst = NULL;
-        sink_rc = sink(ctx, base, (size_t)(n * row_bytes));
-        if (sink_rc) {
-            rc = sink_rc;
-            goto done;
-        }
-    }
-    rc = 0;
-done:
-    if (src)
-        st_aten.delete_tensor(src);
-    if (dst)
-        st_aten.delete_tensor(dst);
-    if (stage)
-        st_aten.delete_tensor(stage);
-    free(sizes);
-    free(stage_strides);
-    return rc;
+    return SharedMemoryError;
 }
 
-typedef struct {
-    save_item *items;
-    const st_plan *plan;
-    size_t n;
-    st_writer *w;      /* file output, or NULL */
-    uint8_t *out;      /* memory output, or NULL */
-    size_t pos;        /* bytes of out filled */
-    int sys_errno;
-    int aten_failed;
-    size_t failed_item;
-} write_job;
-
-static int flush_iov(write_job *job, struct iovec *iov, int *cnt)
+PyObject *st_py_raise_aten(PyObject *type, const char *what, PyObject *name)
 {
-    if (*cnt && st_writer_writev(job->w, iov, *cnt) != 0) {
-        job->sys_errno = errno;
-        return -1;
-    }
-    *cnt = 0;
-    return 0;
+    return raise_aten(type, what, name);
 }
 
-/* Where staged blocks go: the output buffer, or straight to the file. */
-static int sink_block(void *ctx, const uint8_t *data, size_t len)
+PyObject *st_py_raise_errno(int saved_errno, PyObject *path)
 {
-    write_job *job = ctx;
-    struct iovec one;
-    if (job->out) {
-        memcpy(job->out + job->pos, data, len);
-        job->pos += len;
-        return 0;
-    }
-    one.iov_base = (void *)data;
-    one.iov_len = len;
-    if (st_writer_writev(job->w, &one, 1) != 0) {
-        job->sys_errno = errno;
-        return 1;
-    }
-    return 0;
+    return raise_errno(saved_errno, path);
 }
 
-/* Writes header and data in file order; runs without the GIL. */
-static int write_all(write_job *job)
+PyObject *st_py_raise_st(const st_error *err, const char *context)
 {
-    struct iovec iov[IOV_MAX < 1024 ? IOV_MAX : 1024];
-    int cnt = 0;
-    const size_t chunk = (size_t)1 << 30; /* a single write moves at most ~2 GiB */
-    job->pos = job->plan->header_len;
-    if (job->out) {
-        memcpy(job->out, job->plan->header, job->plan->header_len);
-    } else {
-        iov[cnt].iov_base = job->plan->header;
-        iov[cnt].iov_len = job->plan->header_len;
-        cnt++;
-    }
-    for (size_t k = 0; k < job->n; k++) {
-        save_item *it = &job->items[job->plan->order[k]];
-        uint8_t *src = it->data;
-        if (it->nbytes == 0)
-            continue;
-        if (!src) {
-            int rc;
-            if (!job->out && flush_iov(job, iov, &cnt) < 0)
-                return -1;
-            rc = stage_tensor(it, sink_block, job);
-            if (rc < 0) {
-                job->aten_failed = 1;
-                job->failed_item = it->index;
-            }
-            if (rc)
-                return -1;
-            continue;
-        }
-        if (job->out) {
-            memcpy(job->out + job->pos, src, (size_t)it->nbytes);
-            job->pos += (size_t)it->nbytes;
-            continue;
-        }
-        for (uint64_t off = 0; off < it->nbytes; off += chunk) {
-            size_t len = it->nbytes - off < chunk ? (size_t)(it->nbytes - off) : chunk;
-            if (cnt == (int)(sizeof(iov) / sizeof(iov[0])) && flush_iov(job, iov, &cnt) < 0)
-                return -1;
-            iov[cnt].iov_base = src + off;
-            iov[cnt].iov_len = len;
-            cnt++;
-        }
-    }
-    if (!job->out && flush_iov(job, iov, &cnt) < 0)
-        return -1;
-    return 0;
-}
-
-static PyObject *dtype_repr(PyObject *tensor)
-{
-    PyObject *dt = PyObject_GetAttrString(tensor, "dtype");
-    PyObject *s;
-    if (!dt) {
-        PyErr_Clear();
-        return PyUnicode_FromString("?");
-    }
-    s = PyObject_Str(dt);
-    Py_DECREF(dt);
-    return s;
-}
-
-static PyObject *str_is_conj, *str_is_neg, *str_resolve_conj, *str_resolve_neg;
-
-/* A tensor whose conjugate or negative bit is set, resolved into plain memory; the
- * tensor itself (a new reference) otherwise. */
-static PyObject *resolve_lazy_bits(PyObject *t)
-{
-    PyObject *checks[2][2] = {{str_is_conj, str_resolve_conj}, {str_is_neg, str_resolve_neg}};
-    PyObject *cur = Py_NewRef(t);
-    for (int k = 0; k < 2; k++) {
-        PyObject *flag = PyObject_CallMethodNoArgs(cur, checks[k][0]);
-        int set = flag ? PyObject_IsTrue(flag) : -1;
-        Py_XDECREF(flag);
-        if (set > 0) {
-            PyObject *resolved = PyObject_CallMethodNoArgs(cur, checks[k][1]);
-            Py_SETREF(cur, resolved);
-        }
-        if (set < 0 || !cur) {
-            Py_XDECREF(cur);
-            return NULL;
-        }
-    }
-    return cur;
-}
-
-/* Reads a tensor's layout, dtype, device, shape and data into a save_item. */
-static int describe(save_item *it, PyObject *name, PyObject *tensor)
-{
-    int32_t layout, device, st;
-    int64_t numel;
-    bool contiguous;
-    size_t esize;
-    if (st_aten.get_layout(it->handle, &layout) != 0 || st_aten.get_dtype(it->handle,
-                                                                          &it->dtype_code) != 0 ||
-        st_aten.get_device_type(it->handle, &device) != 0) {
-        raise_aten(PyExc_TypeError, "cannot read the layout, dtype or device", name);
-        return -1;
-    }
-    if (layout != st_aten.layout_strided) {
-        PyErr_Format(PyExc_TypeError,
-                     "tensor %R is not dense (sparse or another layout): safetensors stores "
-                     "dense tensors; convert it with .to_dense()",
-                     name);
-        return -1;
-    }
-    st = st_aten_dtype_to_st(it->dtype_code);
-    if (st < 0) {
-        PyObject *d = dtype_repr(tensor);
-        PyErr_Format(PyExc_TypeError, "tensor %R has dtype %S, which safetensors cannot store",
-                     name, d);
-        Py_XDECREF(d);
-        return -1;
-    }
-    if (device == st_aten.device_meta) {
-        PyErr_Format(PyExc_TypeError,
-                     "tensor %R is on the meta device and has no data to save; materialize it "
-                     "first (for example with .to_empty(device='cpu') and an initializer)",
-                     name);
-        return -1;
-    }
-    it->on_cpu = device == st_aten.device_cpu;
-    it->device_type = device;
-    if (st_aten.get_device_index(it->handle, &it->device_index) != 0)
-        it->device_index = -1;
-    if (st_aten.get_dim(it->handle, &it->ndim) != 0 ||
-        st_aten.get_sizes(it->handle, &it->sizes) != 0 ||
-        st_aten.get_numel(it->handle, &numel) != 0 ||
-        st_aten.is_contiguous(it->handle, &contiguous) != 0) {
-        raise_aten(PyExc_TypeError, "cannot read the shape", name);
-        return -1;
-    }
-    esize = st_aten.dtype_element_size(it->dtype_code);
-    it->nbytes = (uint64_t)numel * esize;
-    it->shape = PyMem_Malloc((size_t)(it->ndim ? it->ndim : 1) * sizeof(uint64_t));
-    if (!it->shape) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    for (int64_t d = 0; d < it->ndim; d++)
-        it->shape[d] = (uint64_t)it->sizes[d];
-    if (st == ST_F4) {
-        if (it->ndim == 0) {
-            PyErr_Format(PyExc_TypeError,
-                         "tensor %R: a 0-dim float4_e2m1fn_x2 tensor has no safetensors shape "
-                         "(F4 stores single values); reshape it to [1]",
-                         name);
-            return -1;
-        }
-        it->shape[it->ndim - 1] *= 2;
-    }
-    it->data = NULL;
-    it->lo = it->hi = 0;
-    if (numel > 0) {
-        void *p;
-        int64_t *strides;
-        if (st_aten.get_data_ptr(it->handle, &p) != 0 ||
-            st_aten.get_strides(it->handle, &strides) != 0) {
-            raise_aten(PyExc_TypeError, "cannot read the data", name);
-            return -1;
-        }
-        /* the memory the tensor spans, for overlap checks */
-        int64_t lo = 0, hi = 0;
-        for (int64_t d = 0; d < it->ndim; d++) {
-            int64_t span = (it->sizes[d] - 1) * strides[d];
-            if (span < 0)
-                lo += span;
-            else
-                hi += span;
-        }
-        it->lo = (uintptr_t)p + (uintptr_t)(lo * (int64_t)esize);
-        it->hi = (uintptr_t)p + (uintptr_t)((hi + 1) * (int64_t)esize);
-        if (it->on_cpu && contiguous)
-            it->data = p;
-    }
-    return 0;
-}
-
-/* save(tensors: dict[str, Tensor], metadata, path=None, *, durable, check_shared)
- * -> None, or bytes when path is None */
-static PyObject *mod_save(PyObject *self, PyObject *args, PyObject *kwds)
-{
-    static char *kwlist[] = {"tensors", "metadata", "path", "durable", "check_shared", NULL};
-    PyObject *tensors, *metadata = Py_None, *path = Py_None, *encoded = NULL;
-    PyObject *names = NULL, *values = NULL, *result = NULL, *fspath = NULL;
-    int durable = 0, check_shared = 1;
-    Py_ssize_t n = 0, nmeta = 0;
-    st_tensor *handles = NULL;
-    save_item *items = NULL;
-    save_item **ranges = NULL;
-    st_write_item *witems = NULL;
-    st_meta_item *mitems = NULL;
-    st_plan plan;
-    st_error err;
-    st_code rc;
-    (void)self;
-
-    memset(&plan, 0, sizeof(plan));
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO$pp:save", kwlist, &tensors, &metadata,
-                                     &path, &durable, &check_shared))
-        return NULL;
-    if (!st_aten.ready) {
-        PyErr_SetString(PyExc_RuntimeError, "libtorch's C ABI is not available");
-        return NULL;
-    }
-    if (!PyDict_Check(tensors)) {
-        PyErr_Format(PyExc_TypeError, "expected a dict of str to Tensor, got %.100s",
-                     Py_TYPE(tensors)->tp_name);
-        return NULL;
-    }
-    if (path != Py_None) {
-        if (!PyUnicode_FSConverter(path, &encoded))
-            return NULL;
-        fspath = PyOS_FSPath(path);
-        if (!fspath)
-            goto done;
-    }
-    n = PyDict_GET_SIZE(tensors);
-    names = PyList_New(n);
-    values = PyList_New(n);
-    if (!names || !values)
-        goto done;
-    {
-        Py_ssize_t pos = 0, i = 0;
-        PyObject *k, *v;
-        while (PyDict_Next(tensors, &pos, &k, &v)) {
-            if (!PyUnicode_Check(k)) {
-                PyErr_Format(PyExc_TypeError, "tensor names must be str, got %.100s key %R",
-                             Py_TYPE(k)->tp_name, k);
-                goto done;
-            }
-            if (!PyObject_TypeCheck(v, (PyTypeObject *)tensor_type)) {
-                PyErr_Format(PyExc_TypeError, "%R: expected a Tensor, got %.100s", k,
-                             Py_TYPE(v)->tp_name);
-                goto done;
-            }
-            /* conjugate and negative views hold their values lazily: save the values */
-            v = resolve_lazy_bits(v);
-            if (!v)
-                goto done;
-            PyList_SET_ITEM(names, i, Py_NewRef(k));
-            PyList_SET_ITEM(values, i, v);
-            i++;
-        }
-    }
-    if (metadata != Py_None) {
-        Py_ssize_t pos = 0, i = 0;
-        PyObject *k, *v;
-        if (!PyDict_Check(metadata)) {
-            PyErr_Format(PyExc_TypeError, "metadata must be a dict of str to str, got %.100s",
-                         Py_TYPE(metadata)->tp_name);
-            goto done;
-        }
-        nmeta = PyDict_GET_SIZE(metadata);
-        mitems = PyMem_Calloc((size_t)nmeta ? (size_t)nmeta : 1, sizeof(*mitems));
-        if (!mitems) {
-            PyErr_NoMemory();
-            goto done;
-        }
-        while (PyDict_Next(metadata, &pos, &k, &v)) {
-            Py_ssize_t kl, vl;
-            if (!PyUnicode_Check(k) || !PyUnicode_Check(v)) {
-                PyErr_Format(PyExc_TypeError,
-                             "metadata must map str to str; key %R has a %.100s value", k,
-                             Py_TYPE(v)->tp_name);
-                goto done;
-            }
-            mitems[i].key = PyUnicode_AsUTF8AndSize(k, &kl);
-            mitems[i].value = mitems[i].key ? PyUnicode_AsUTF8AndSize(v, &vl) : NULL;
-            if (!mitems[i].value)
-                goto done;
-            mitems[i].key_len = (size_t)kl;
-            mitems[i].value_len = (size_t)vl;
-            i++;
-        }
-    }
-    handles = PyMem_Calloc((size_t)n ? (size_t)n : 1, sizeof(st_tensor));
-    items = PyMem_Calloc((size_t)n ? (size_t)n : 1, sizeof(save_item));
-    witems = PyMem_Calloc((size_t)n ? (size_t)n : 1, sizeof(st_write_item));
-    ranges = PyMem_Calloc((size_t)n ? (size_t)n : 1, sizeof(save_item *));
-    if (!handles || !items || !witems || !ranges) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    if (n && tensors_to_handles(values, handles, n) < 0)
-        goto done;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *name = PyList_GET_ITEM(names, i);
-        Py_ssize_t len;
-        items[i].handle = handles[i];
-        items[i].index = (size_t)i;
-        if (describe(&items[i], name, PyList_GET_ITEM(values, i)) < 0)
-            goto done;
-        witems[i].name = PyUnicode_AsUTF8AndSize(name, &len);
-        if (!witems[i].name)
-            goto done;
-        witems[i].name_len = (size_t)len;
-        witems[i].shape = items[i].shape;
-        witems[i].ndim = (size_t)items[i].ndim;
-        witems[i].nbytes = items[i].nbytes;
-        witems[i].dtype = (st_dtype)st_aten_dtype_to_st(items[i].dtype_code);
-        ranges[i] = &items[i];
-    }
-    if (check_shared && n > 1) {
-        /* tensors whose memory overlaps would come back as separate copies */
-        qsort(ranges, (size_t)n, sizeof(*ranges), cmp_range);
-        save_item *reach = NULL;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            save_item *it = ranges[i];
-            if (it->hi == it->lo)
-                continue;
-            if (reach && (reach->device_type != it->device_type ||
-                          reach->device_index != it->device_index))
-                reach = NULL; /* addresses on different devices never overlap */
-            if (reach && it->lo < reach->hi) {
-                PyErr_Format(SharedMemoryError,
-                             "tensors %R and %R share memory: saving them would store two "
-                             "copies that load back as separate tensors. Save only one of them "
-                             "(and re-tie after loading), or use torch.save(obj, f, "
-                             "format=\"safetensors\"), which stores tied tensors once",
-                             PyList_GET_ITEM(names, (Py_ssize_t)reach->index),
-                             PyList_GET_ITEM(names, (Py_ssize_t)it->index));
-                goto done;
-            }
-            if (!reach || it->hi > reach->hi)
-                reach = it;
-        }
-    }
-    rc = st_plan_write(witems, (size_t)n, mitems, (size_t)nmeta, metadata != Py_None, &plan,
-                       &err);
-    if (rc != ST_OK) {
-        if (rc == ST_ERR_NOMEM) {
-            PyErr_NoMemory();
-        } else {
-            PyObject *nm = PyUnicode_DecodeUTF8(err.tensor, (Py_ssize_t)err.tensor_len, "replace");
-            if (nm && err.tensor_len)
-                PyErr_Format(PyExc_ValueError, "cannot save tensor %R: %s", nm, err.message);
-            else if (nm)
-                PyErr_Format(PyExc_ValueError, "cannot save: %s", err.message);
-            Py_XDECREF(nm);
-        }
-        goto done;
-    }
-    {
-        write_job job;
-        st_writer w;
-        int wrc = 0;
-        memset(&job, 0, sizeof(job));
-        job.items = items;
-        job.plan = &plan;
-        job.n = (size_t)n;
-        if (path == Py_None) {
-            uint64_t total = plan.header_len + plan.data_len;
-            if (total > PY_SSIZE_T_MAX) {
-                PyErr_SetString(PyExc_OverflowError, "the tensors are too large for bytes");
-                goto done;
-            }
-            result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)total);
-            if (!result)
-                goto done;
-            job.out = (uint8_t *)PyBytes_AS_STRING(result);
-        } else {
-            job.w = &w;
-        }
-        Py_BEGIN_ALLOW_THREADS
-        if (job.w) {
-            if (st_writer_open(&w, PyBytes_AS_STRING(encoded)) != 0) {
-                job.sys_errno = errno;
-            } else {
-                wrc = write_all(&job);
-                if (wrc == 0 && st_writer_commit(&w, durable) != 0)
-                    job.sys_errno = errno;
-                else if (wrc != 0)
-                    st_writer_abort(&w);
-            }
-        } else {
-            wrc = write_all(&job);
-        }
-        Py_END_ALLOW_THREADS
-        if (job.aten_failed) {
-            Py_CLEAR(result);
-            raise_aten(PyExc_RuntimeError, "torch could not copy the tensor to the CPU",
-                       PyList_GET_ITEM(names, (Py_ssize_t)job.failed_item));
-            goto done;
-        }
-        if (job.sys_errno) {
-            Py_CLEAR(result);
-            raise_errno(job.sys_errno, fspath);
-            goto done;
-        }
-        if (!result)
-            result = Py_NewRef(Py_None);
-    }
-done:
-    if (handles)
-        for (Py_ssize_t i = 0; i < n; i++)
-            if (handles[i])
-                st_aten.delete_tensor(handles[i]);
-    if (items)
-        for (Py_ssize_t i = 0; i < n; i++)
-            PyMem_Free(items[i].shape);
-    PyMem_Free(handles);
-    PyMem_Free(items);
-    PyMem_Free(witems);
-    PyMem_Free(ranges);
-    PyMem_Free(mitems);
-    st_plan_free(&plan);
-    Py_XDECREF(names);
-    Py_XDECREF(values);
-    Py_XDECREF(encoded);
-    Py_XDECREF(fspath);
-    return result;
+    return raise_st(err, context);
 }
 
 /* ---- module functions ---- */
@@ -1632,27 +1066,44 @@ static PyObject *ordered_dict_type; /* collections.OrderedDict */
  * that needs no structure beyond the tensors themselves. */
 static PyObject *mod_plain_flat(PyObject *self, PyObject *obj)
 {
-    Py_ssize_t pos = 0;
-    PyObject *k, *v;
+    PyObject *snap, *result = Py_False;
+    Py_ssize_t n;
     (void)self;
     if (!PyDict_Check(obj) || !tensor_type)
         Py_RETURN_FALSE;
     if (!PyDict_CheckExact(obj) && (PyObject *)Py_TYPE(obj) != ordered_dict_type)
         Py_RETURN_FALSE;
-    while (PyDict_Next(obj, &pos, &k, &v)) {
-        PyObject *grad;
+    /* requires_grad may run Python (a torch function mode) that changes obj: walk a
+     * snapshot holding strong references */
+    snap = PyDict_Items(obj);
+    if (!snap)
+        return NULL;
+    n = PyList_GET_SIZE(snap);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *kv = PyList_GET_ITEM(snap, i);
+        PyObject *k = PyTuple_GET_ITEM(kv, 0), *v = PyTuple_GET_ITEM(kv, 1), *grad;
         int set;
         if (!PyUnicode_CheckExact(k) || (PyObject *)Py_TYPE(v) != tensor_type)
-            Py_RETURN_FALSE;
+            goto done;
         grad = PyObject_GetAttr(v, str_requires_grad);
-        if (!grad)
-            return NULL;
+        if (!grad) {
+            result = NULL;
+            goto done;
+        }
         set = grad == Py_True;
         Py_DECREF(grad);
         if (set)
-            Py_RETURN_FALSE;
+            goto done;
     }
-    Py_RETURN_TRUE;
+    if (PyDict_GET_SIZE(obj) != n) {
+        PyErr_SetString(PyExc_RuntimeError, "the dict changed size while it was read");
+        result = NULL;
+        goto done;
+    }
+    result = Py_True;
+done:
+    Py_DECREF(snap);
+    return Py_XNewRef(result);
 }
 
 /* write_atomic(path, data, *, durable=False): writes bytes with the same atomic writer
@@ -1735,11 +1186,39 @@ static PyObject *mod_live_mappings(PyObject *self, PyObject *unused)
     return PyLong_FromLong(st_blob_live());
 }
 
+/* ---- checksums ---- */
+
+/* crc32c(data, value=0, *, portable=False) -> int: CRC32C of a buffer, continuing from
+ * value; the GIL is released while it runs. */
+static PyObject *mod_crc32c(PyObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"data", "value", "portable", NULL};
+    Py_buffer view;
+    unsigned long value = 0;
+    int portable = 0;
+    uint32_t crc;
+    (void)self;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*|k$p:crc32c", kwlist, &view, &value,
+                                     &portable))
+        return NULL;
+    if (value > 0xFFFFFFFFul) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "crc32c: value is a 32-bit checksum");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    crc = portable ? st_crc32c_portable((uint32_t)value, view.buf, (size_t)view.len)
+                   : st_crc32c((uint32_t)value, view.buf, (size_t)view.len);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLong(crc);
+}
+
 static PyMethodDef module_methods[] = {
+    {"crc32c", (PyCFunction)(void (*)(void))mod_crc32c, METH_VARARGS | METH_KEYWORDS,
+     "crc32c(data, value=0, *, portable=False) -> int: CRC32C of a buffer."},
     {"init", (PyCFunction)(void (*)(void))mod_init, METH_VARARGS | METH_KEYWORDS,
      "Finds libtorch's C ABI; returns the features found."},
-    {"save", (PyCFunction)(void (*)(void))mod_save, METH_VARARGS | METH_KEYWORDS,
-     "save(tensors, metadata=None, path=None, *, durable=False, check_shared=True)"},
     {"write_atomic", (PyCFunction)(void (*)(void))mod_write_atomic, METH_VARARGS | METH_KEYWORDS,
      "write_atomic(path, data, *, durable=False): bytes to a file, atomically."},
     {"plain_flat", mod_plain_flat, METH_O,
@@ -1763,6 +1242,7 @@ PyMODINIT_FUNC PyInit__C(void);
 
 PyMODINIT_FUNC PyInit__C(void)
 {
+    st_crc32c_init();
     PyObject *m = PyModule_Create(&module_def);
     if (!m)
         return NULL;
@@ -1801,11 +1281,7 @@ PyMODINIT_FUNC PyInit__C(void)
         if (!ordered_dict_type)
             goto error;
     }
-    str_is_conj = PyUnicode_InternFromString("is_conj");
-    str_is_neg = PyUnicode_InternFromString("is_neg");
-    str_resolve_conj = PyUnicode_InternFromString("resolve_conj");
-    str_resolve_neg = PyUnicode_InternFromString("resolve_neg");
-    if (!str_is_conj || !str_is_neg || !str_resolve_conj || !str_resolve_neg)
+    if (st_write_register(m) < 0)
         goto error;
     if (PyModule_AddObjectRef(m, "Reader", (PyObject *)&Reader_Type) < 0 ||
         PyModule_AddObjectRef(m, "Mapping", (PyObject *)&Mapping_Type) < 0 ||

@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -87,8 +88,10 @@ int st_fd_size(int fd, uint64_t *size)
 int st_open_read(const char *path, uint64_t *size)
 {
     int fd, saved;
+    /* O_NONBLOCK: opening a FIFO for reading would wait for a writer; it has no
+     * effect on the regular files that are all we accept */
     do {
-        fd = open(path, O_RDONLY | O_CLOEXEC);
+        fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     } while (fd < 0 && errno == EINTR);
     if (fd < 0)
         return -1;
@@ -135,17 +138,40 @@ static uint64_t mix64(uint64_t x)
     return x;
 }
 
+#define ST_PROC_SUPER_MAGIC 0x9fa0 /* linux/magic.h */
+
+/* Whether the link at path lives in procfs (/proc/self/fd/N, /dev/stdout's target):
+ * a "magic" link whose text ("pipe:[12]", "/tmp/x (deleted)") is not a path. */
+static int in_procfs(const char *path)
+{
+    char *copy = strdup(path);
+    struct statfs fs;
+    int magic;
+    if (!copy)
+        return 0;
+    magic = statfs(dirname(copy), &fs) == 0 && fs.f_type == ST_PROC_SUPER_MAGIC;
+    free(copy);
+    return magic;
+}
+
 /* The file a path names once symlinks are followed, as open() would write it, even
- * when the last link dangles. Returns a malloc'd path, or NULL with errno set. */
-static char *follow_links(const char *path)
+ * when the last link dangles. A procfs link is not followed as text: *magic is set
+ * and the path returned as it is, for open() to resolve. Returns a malloc'd path, or
+ * NULL with errno set. */
+static char *follow_links(const char *path, int *magic)
 {
     char *cur = strdup(path);
+    *magic = 0;
     for (int hops = 0; cur; hops++) {
         struct stat st;
         char target[PATH_MAX];
         ssize_t n;
         if (lstat(cur, &st) != 0 || !S_ISLNK(st.st_mode))
             return cur; /* not a link (or absent): write here */
+        if (in_procfs(cur)) {
+            *magic = 1;
+            return cur;
+        }
         if (hops == 40) {
             free(cur);
             errno = ELOOP;
@@ -187,7 +213,7 @@ int st_writer_open(st_writer *w, const char *path)
     char *dir_copy = NULL, *base_copy = NULL;
     const char *dir, *base;
     mode_t mode = 0666;
-    int have_mode = 0, saved;
+    int have_mode = 0, saved, magic = 0;
     static atomic_ulong counter;
 
     w->fd = -1;
@@ -195,9 +221,25 @@ int st_writer_open(st_writer *w, const char *path)
     w->written = 0;
     w->target = NULL;
     /* a symlink is followed: the file it names is replaced, as open() would write it */
-    w->target = follow_links(path);
+    w->target = follow_links(path, &magic);
     if (!w->target)
         goto error;
+    if (magic) {
+        /* /proc/self/fd/N names an open file, which may be unlinked or renamed, or
+         * a pipe: write into that very file in place, as open(path, "wb") does */
+        if (stat(w->target, &st) != 0)
+            goto error;
+        if (S_ISDIR(st.st_mode)) {
+            errno = EISDIR;
+            goto error;
+        }
+        do {
+            w->fd = open(w->target, O_WRONLY | O_CLOEXEC | (S_ISREG(st.st_mode) ? O_TRUNC : 0));
+        } while (w->fd < 0 && errno == EINTR);
+        if (w->fd < 0)
+            goto error;
+        return 0;
+    }
     if (stat(w->target, &st) == 0) {
         if (S_ISDIR(st.st_mode)) {
             errno = EISDIR;
@@ -331,7 +373,13 @@ int st_writer_commit(st_writer *w, int durable)
 {
     int rc;
     if (!w->tmp) {
-        /* written in place (a device or a pipe): nothing to rename or sync */
+        /* written in place (a device, a pipe, a /proc/self/fd link): nothing to
+         * rename; a regular file is still flushed when asked */
+        struct stat st;
+        if (durable && fstat(w->fd, &st) == 0 && S_ISREG(st.st_mode) && fdatasync(w->fd) != 0) {
+            st_writer_abort(w);
+            return -1;
+        }
         rc = close(w->fd);
         w->fd = -1;
         free(w->target);

@@ -35,7 +35,8 @@ void st_blob_decref(st_blob *b);
 /* Checks fd is a regular file and fills its size. Returns 0, or -1 with errno set. */
 int st_fd_size(int fd, uint64_t *size);
 
-/* Opens path read-only (O_CLOEXEC) and checks it is a regular file; fills size.
+/* Opens path read-only (O_CLOEXEC|O_NONBLOCK: a FIFO never blocks the open) and
+ * checks it is a regular file; fills size.
  * Returns the fd, or -1 with errno set. */
 int st_open_read(const char *path, uint64_t *size);
 
@@ -54,7 +55,9 @@ typedef struct {
 
 /* Creates a temporary file (O_EXCL|O_CLOEXEC) beside path, with an existing
  * target's permission bits; an existing target that is not a regular file (a
- * device, a FIFO) is opened and written in place instead (tmp stays NULL).
+ * device, a FIFO) is opened and written in place instead (tmp stays NULL), and
+ * so is a procfs link such as /proc/self/fd/N or /dev/stdout's target (the file or
+ * pipe it stands for, never a path built from its text).
  * Returns 0, or -1 with errno set. */
 int st_writer_open(st_writer *w, const char *path);
 

@@ -182,3 +182,16 @@ def _zero_copy_restored():
     yield
     _core.set_zero_copy(True)
 
+
+
+@pytest.fixture(autouse=True)
+def _torch_global_state_restored():
+    """Frameworks switch torch's global state (Lightning's deterministic=True turns on
+    deterministic algorithms, which make torch.empty fill memory and fail for float4):
+    no test may leave it changed for the next one."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    default_dtype = torch.get_default_dtype()
+    yield
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.set_default_dtype(default_dtype)

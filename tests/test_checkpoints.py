@@ -618,35 +618,33 @@ def _nested_tensor():
         return torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
 
 
+def _generator():
+    yield 1
+
+
+def _local_class_instance():
+    class Local:
+        pass
+
+    return Local
+
+
 REFUSALS = {
+    # what stays refused (issue 14, "Limits that stay"):
     # name: (factory, type name in the message, extra fragment or None)
-    "object": (Thing, "Thing", None),
-    "function": (lambda: len, "builtin_function_or_method", None),
-    "lambda": (lambda: (lambda x: x), "function", None),
-    "set": (lambda: {1, 2}, "set", "list"),
-    "frozenset": (lambda: frozenset({1}), "frozenset", None),
-    "bytes": (lambda: b"raw", "bytes", None),
-    "bytearray": (lambda: bytearray(b"raw"), "bytearray", None),
-    "complex": (lambda: 1 + 2j, "complex", None),
-    "numpy_array": (lambda: np.zeros(3), "numpy.ndarray", "torch.from_numpy"),
-    "numpy_scalar": (lambda: np.float32(1.5), "numpy.float32", ".item()"),
-    "numpy_int": (lambda: np.int64(3), "numpy.int64", None),
-    "defaultdict": (lambda: collections.defaultdict(int, a=1), "defaultdict", "dict("),
-    "namedtuple": (lambda: Point(1, 2), "Point", "tuple("),
-    "dict_subclass": (lambda: type("MyDict", (dict,), {})(a=1), "MyDict", None),
-    "list_subclass": (lambda: type("MyList", (list,), {})([1]), "MyList", None),
-    "int_subclass": (lambda: type("MyInt", (int,), {})(3), "MyInt", None),
-    "str_subclass": (lambda: type("MyStr", (str,), {})("s"), "MyStr", None),
-    "sparse": (lambda: torch.eye(3).to_sparse(), "sparse", ".to_dense()"),
-    "sparse_csr": (lambda: torch.eye(3).to_sparse_csr(), "sparse_csr", ".to_dense()"),
-    "quantized": (_quantized, "quantized", "dequantize"),
-    "nested_tensor": (_nested_tensor, "nested", None),
-    "meta_tensor": (lambda: torch.empty(2, device="meta"), "meta", None),
-    "tensor_subclass": (lambda: torch.ones(2).as_subclass(MyTensor), "MyTensor", None),
-    "module": (lambda: nn.Linear(2, 2), "Linear", None),
-    "dtype": (lambda: torch.float32, "dtype", None),
-    "device": (lambda: torch.device("cpu"), "device", None),
-    "storage": (lambda: torch.ones(2).untyped_storage(), "UntypedStorage", None),
+    "lambda": (lambda: (lambda x: x), "function", "no importable name"),
+    "local_class": (_local_class_instance, "class", "no importable name"),
+    "module": (lambda: os, "module", "its name as a str"),
+    "open_file": (lambda: open(os.devnull, "rb"), "BufferedReader", "open file"),
+    "lock": (lambda: __import__("threading").Lock(), "lock", "lock"),
+    "generator": (_generator, "generator", "generator"),
+    "numpy_object_array": (lambda: np.array([None, 1], dtype=object), "numpy.ndarray", "object"),
+    "numpy_str_array": (lambda: np.array(["a"]), "numpy.ndarray", "string"),
+    "numpy_datetime_array": (lambda: np.array(["2020-01-01"], dtype="datetime64[D]"), "numpy.ndarray", "datetime"),
+    "numpy_structured_array": (lambda: np.zeros(2, dtype=[("a", "i4")]), "numpy.ndarray", "structured"),
+    "numpy_longdouble": (lambda: np.zeros(2, dtype=np.longdouble), "numpy.ndarray", None),
+    "storage": (lambda: torch.ones(2).untyped_storage(), "UntypedStorage", "tensor"),
+    "mkldnn": (lambda: torch.ones(2).to_mkldnn(), "mkldnn", ".to_dense()"),
 }
 
 
@@ -674,34 +672,17 @@ def test_refused_with_full_path_and_nothing_written(tmp_path, name):
 
 
 def test_refusal_path_through_int_keys_and_lists(tmp_path):
-    obj = {"optimizer": {"state": {3: {"buf": [torch.ones(1), (1, {"deep": {1}})]}}}}
+    obj = {"optimizer": {"state": {3: {"buf": [torch.ones(1), (1, {"deep": {1: lambda: 0}})]}}}}
     with pytest.raises(TypeError) as info:
         torch.save(obj, tmp_path / "x.pt", format="safetensors")
-    assert str(info.value).startswith("optimizer.state[3].buf[1][1].deep: set"), str(info.value)
+    assert str(info.value).startswith("optimizer.state[3].buf[1][1].deep[1]: function"), str(info.value)
     assert os.listdir(tmp_path) == []
 
 
 def test_refusal_at_the_top_level(tmp_path):
     with pytest.raises(TypeError) as info:
-        torch.save(Thing(), tmp_path / "x.pt", format="safetensors")
-    assert "Thing" in str(info.value)
-    with pytest.raises(TypeError) as info:
-        torch.save({1, 2}, tmp_path / "x.pt", format="safetensors")
-    assert "set" in str(info.value)
-    assert os.listdir(tmp_path) == []
-
-
-@pytest.mark.parametrize(
-    "key,shown",
-    [((1, 2), "(1, 2)"), (1.5, "1.5"), (True, "True"), (None, "None"), (b"k", "b'k'")],
-)
-def test_bad_dict_keys_refused(tmp_path, key, shown):
-    obj = {"model": {"sub": {key: torch.ones(1)}}}
-    with pytest.raises(TypeError) as info:
-        torch.save(obj, tmp_path / "x.pt", format="safetensors")
-    msg = str(info.value)
-    assert msg.startswith("model.sub:"), msg
-    assert shown in msg and type(key).__name__ in msg, msg
+        torch.save(_generator(), tmp_path / "x.pt", format="safetensors")
+    assert "generator" in str(info.value)
     assert os.listdir(tmp_path) == []
 
 
@@ -710,7 +691,7 @@ def test_refusal_keeps_existing_file(tmp_path):
     torch.save({"model": {"w": torch.ones(3)}, "epoch": 1}, p, format="safetensors")
     before = p.read_bytes()
     with pytest.raises(TypeError):
-        torch.save({"model": {"w": torch.zeros(3)}, "epoch": {2}}, p, format="safetensors")
+        torch.save({"model": {"w": torch.zeros(3)}, "epoch": _generator()}, p, format="safetensors")
     assert p.read_bytes() == before
     assert os.listdir(tmp_path) == ["ckpt.safetensors"]
 
@@ -796,7 +777,7 @@ HOSTILE = {
     "dict_key_list": _doc({"od": [[["a"], 1]]}),
     "unknown_float": _doc({"f": "1e400"}),
     "float_body_number": _doc({"f": 1}),
-    "version_2": _doc({"t": "w"}, version=2),
+    "version_3": _doc({"t": "w"}, version=3),
     "version_0": _doc({"t": "w"}, version=0),
     "version_str": _doc({"t": "w"}, version="1"),
     "version_null": _doc({"t": "w"}, version=None),

@@ -138,7 +138,7 @@ def test_safe_open_framework(tmp_path):
         with ts.safe_open(p, framework=fw) as f:
             assert f.keys() == ["a"]
     with pytest.raises(ValueError):
-        ts.safe_open(p, framework="np")
+        ts.safe_open(p, framework="tf")
 
 
 def test_device_argument(tmp_path):

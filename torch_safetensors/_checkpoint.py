@@ -1,55 +1,68 @@
 """Which objects a safetensors checkpoint holds, and under which names.
 
-A checkpoint is any bounded nesting of dict / OrderedDict (str or int keys), list and
-tuple, whose leaves are tensors or plain values (None, bool, int, float, str). Tensors
-are stored under dotted paths (``model.layers.0.weight``); everything else (the
-containers, their key types and order, plain values, which tensors are Parameters or
-require grad, and which names are ties of one tensor) goes as JSON under one namespaced
+A checkpoint is any bounded nesting of containers and values: tensors of every kind that
+torch's ``weights_only`` loader reads, plain values, the data types of the type table
+(:mod:`._types`: sets, bytes, complex, paths, numpy arrays, torch dtypes...) and, stored
+generically, instances of other classes. Tensors are stored as plain named tensors under
+dotted paths (``model.layers.0.weight``); tensor kinds safetensors has no dtype or layout
+for are stored as their dense components plus a tag. Everything else (containers, key
+types and order, plain values, which tensors are Parameters or require grad, which names
+are ties of one tensor, typed values, objects) goes as JSON under one namespaced
 ``__metadata__`` key. A flat ``str -> Tensor`` dict of plain, untied tensors needs no
 structure, so its file is byte-identical to the ``safetensors`` package's.
 
-Reading trusts nothing: the structure JSON only ever builds dicts, OrderedDicts, lists,
-tuples, plain values, tensors from the file and ``nn.Parameter``.
+Reading trusts nothing: data types are rebuilt directly; an object or a reference to a
+class or function is rebuilt only if the loading process allowed that class or function
+(``torch.serialization.add_safe_globals`` / ``safe_globals``, as for
+``torch.load(weights_only=True)``) or the caller passed ``weights_only=False``. The decoder
+works within a memory budget proportional to the structure text.
 """
 from __future__ import annotations
 
+import base64
+import collections
+import copyreg
+import ctypes
 import json
 import math
+import sys
+import types
 from collections import OrderedDict
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from . import _C
-from ._core import SafetensorError, error
+from . import _C, _types
+from ._core import DTYPES, SafetensorError, error
 
 STRUCTURE_KEY = "torch_safetensors.structure"
-STRUCTURE_VERSION = 1
+STRUCTURE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MAX_DEPTH = 200  # nesting of containers, on save and on load
+
+# The decoder's memory budget: what rebuilding a structure may cost, estimated before
+# parsing from the text's tokens and counted while building.
+BUDGET_FACTOR = 4
+BUDGET_FLOOR = 256 << 20
 
 _Parameter = torch.nn.Parameter
 _PLAIN = (type(None), bool, int, float, str)
+_STORABLE_DTYPES = {d for d in DTYPES.values() if d is not None}
+_BYTES_AS_TENSOR = 4096  # longer bytes go as a uint8 tensor instead of base64 text
 
 
 # ---- refusal ----
 
 
 def _hint(value: Any) -> str:
-    module = type(value).__module__ or ""
     if isinstance(value, torch.Tensor):
         return ""
-    if module.startswith("numpy"):
-        return " (convert arrays with torch.from_numpy(x) and numpy scalars with .item())"
-    if isinstance(value, (set, frozenset)):
-        return " (store it as a list or a tuple)"
-    if isinstance(value, (bytes, bytearray)):
-        return " (store it as a str or as a uint8 tensor: torch.frombuffer(bytearray(b), dtype=torch.uint8))"
-    if isinstance(value, dict):
-        return " (convert it with dict(x))"
-    if isinstance(value, tuple):
-        return " (convert it with tuple(x))"
-    if isinstance(value, list):
-        return " (convert it with list(x))"
+    if isinstance(value, (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType)):
+        return " (a running generator is code; save the values it would produce)"
+    if hasattr(value, "read") or hasattr(value, "write") or hasattr(value, "fileno"):
+        return " (an open file or stream is not data; save its path, or its contents as bytes)"
+    if "lock" in type(value).__name__.lower():
+        return " (a lock is process state, not data; leave it out of the checkpoint)"
     if callable(value):
         return " (code is never stored; save what it computes instead)"
     return ""
@@ -62,17 +75,48 @@ def _type_name(value: Any) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
 
-def _refuse(path: str, value: Any) -> TypeError:
+def _refuse(path: str, value: Any, why: str = "") -> TypeError:
     where = path if path else "the object"
-    return TypeError(
-        f"{where}: {_type_name(value)} cannot be saved in "
-        f"safetensors format, which holds tensors, dict/list/tuple and None, bool, int, "
-        f"float, str{_hint(value)}"
-    )
+    why = f" ({why})" if why else ""
+    return TypeError(f"{where}: {_type_name(value)} cannot be saved in safetensors format{why}{_hint(value)}")
 
 
 def _tensor_problem(path: str, t: torch.Tensor) -> Optional[TypeError]:
-    """A clear error for tensors that have no plain dense bytes to store."""
+    """A clear error for tensors that have no plain dense bytes to store (flat files such as
+    shards, which hold plain tensors only)."""
+    kind = type(t)
+    if kind is not torch.Tensor and kind is not _Parameter:
+        problem = _unstorable(path, t)
+        if problem is not None:
+            return problem
+        name = f"{kind.__module__}.{kind.__qualname__}"
+        return TypeError(f"{path}: tensor subclass {name} cannot be saved in a flat safetensors file; "
+                         "convert it with .as_subclass(torch.Tensor) if its data is all that matters")
+    if t.is_nested:
+        return TypeError(
+            f"{path}: nested tensors cannot be saved in a flat safetensors file; save its parts "
+            "(.unbind()) or a padded tensor (.to_padded_tensor(0))"
+        )
+    if t.is_quantized:
+        return TypeError(
+            f"{path}: quantized tensor ({t.dtype}) cannot be saved in a flat safetensors file; "
+            "save .dequantize() or its int_repr() with its scale and zero point"
+        )
+    if t.layout is not torch.strided:
+        return TypeError(
+            f"{path}: {t.layout} tensor cannot be saved in a flat safetensors file, which stores "
+            "dense tensors; convert it with .to_dense()"
+        )
+    if t.device.type == "meta":
+        return TypeError(
+            f"{path}: tensor on the meta device has no data to save; materialize it first "
+            "(for example with module.to_empty(device='cpu') and an initializer)"
+        )
+    return None
+
+
+def _unstorable(path: str, t: torch.Tensor) -> Optional[TypeError]:
+    """A clear error for tensors that cannot be stored even as components."""
     kind = type(t)
     if kind is not torch.Tensor and kind is not _Parameter:
         name = f"{kind.__module__}.{kind.__qualname__}"
@@ -81,27 +125,11 @@ def _tensor_problem(path: str, t: torch.Tensor) -> Optional[TypeError]:
         elif "Fake" in kind.__name__ or "Functional" in kind.__name__:
             what = "save real tensors, outside tracing"
         else:
-            what = "convert it with .as_subclass(torch.Tensor) if its data is all that matters"
+            return None  # stored as its class reference plus its data
         return TypeError(f"{path}: tensor subclass {name} cannot be saved in safetensors format; {what}")
-    if t.is_nested:
+    if t.layout not in _COMPRESSED and t.layout not in (torch.strided, torch.sparse_coo) and not t.is_nested:
         return TypeError(
-            f"{path}: nested tensors cannot be saved in safetensors format; save its parts "
-            "(.unbind()) or a padded tensor (.to_padded_tensor(0))"
-        )
-    if t.is_quantized:
-        return TypeError(
-            f"{path}: quantized tensor ({t.dtype}) cannot be saved in safetensors format; "
-            "save .dequantize() or its int_repr() with its scale and zero point"
-        )
-    if t.layout is not torch.strided:
-        return TypeError(
-            f"{path}: {t.layout} tensor cannot be saved in safetensors format, which stores "
-            "dense tensors; convert it with .to_dense()"
-        )
-    if t.device.type == "meta":
-        return TypeError(
-            f"{path}: tensor on the meta device has no data to save; materialize it first "
-            "(for example with module.to_empty(device='cpu') and an initializer)"
+            f"{path}: {t.layout} tensor cannot be saved in safetensors format; convert it with .to_dense()"
         )
     return None
 
@@ -129,54 +157,148 @@ def view_key(t: torch.Tensor) -> Optional[tuple]:
     None for empty tensors, which never tie."""
     if t.numel() == 0:
         return None
-    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()))
+    # t and t.conj() (or a negative view) share memory but are different values
+    return (t.device, t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride()),
+            t.is_conj(), t.is_neg())
+
+
+_COMPRESSED = {
+    torch.sparse_csr: ("crow_indices", "col_indices"),
+    torch.sparse_csc: ("ccol_indices", "row_indices"),
+    torch.sparse_bsr: ("crow_indices", "col_indices"),
+    torch.sparse_bsc: ("ccol_indices", "row_indices"),
+}
+
+
+def _float_node(v: float) -> Any:
+    if math.isfinite(v):
+        return v
+    return {"f": "nan" if v != v else ("inf" if v > 0 else "-inf")}
 
 
 class _Flattener:
     def __init__(self) -> None:
         self.tensors: Dict[str, torch.Tensor] = {}
-        self.by_object: Dict[int, str] = {}
+        self.by_object: Dict[int, Tuple[str, int]] = {}  # id -> (stored name, object number)
         self.by_view: Dict[tuple, str] = {}
+        self.objects_per_name: Dict[str, int] = {}
         self.keep_alive: List[Any] = []
+        self.active: set = set()  # ids of containers being walked: cycles are refused
         self.needs_structure = False
 
-    def tensor(self, path: str, shown: str, t: torch.Tensor) -> Any:
-        problem = _tensor_problem(shown, t)
-        if problem is not None:
-            raise problem
-        if not path:
-            path = "tensor"
-            self.needs_structure = True  # a bare tensor must come back as a tensor
-        node: Dict[str, Any] = {"t": path}
-        if type(t) is _Parameter:
-            node["p"] = 1
-            self.needs_structure = True
-        if t.requires_grad:
-            node["g"] = 1
-            self.needs_structure = True
-        # ties: the same object, or the same view of the same memory, is stored once
-        same = self.by_object.get(id(t))
-        if same is None:
-            view = view_key(t)
-            if view is not None:
-                same = self.by_view.setdefault(view, path)
-                if same == path:
-                    same = None  # the first of its view
-        if same is not None:
-            node["t"] = same
-            if self.by_object.get(id(t)) == same:
-                node["same"] = 1  # the very same object
-            self.needs_structure = True
-            return node
+    # -- tensors --
+
+    def store(self, path: str, shown: str, t: torch.Tensor) -> str:
+        """Stores a dense tensor under path (or a free name near it); returns the name."""
         if path in self.tensors:
             raise ValueError(
                 f"{shown}: another tensor is already stored as {path!r} "
                 "(keys joined with '.' collide); rename one of the keys"
             )
-        self.by_object[id(t)] = path
-        self.keep_alive.append(t)  # ids stay unique while flattening
+        self.keep_alive.append(t)
         self.tensors[path] = t
+        return path
+
+    def tensor(self, path: str, shown: str, t: torch.Tensor) -> Any:
+        problem = _unstorable(shown, t)
+        if problem is not None:
+            raise problem
+        if not path:
+            path = "tensor"
+            self.needs_structure = True  # a bare tensor must come back as a tensor
+        flags: Dict[str, Any] = {}
+        if type(t) is _Parameter:
+            flags["p"] = 1
+        if t.requires_grad:
+            flags["g"] = 1
+        if flags:
+            self.needs_structure = True
+        if type(t) not in (torch.Tensor, _Parameter):
+            return self.subclass(path, shown, t, flags)
+        plain = (
+            t.layout is torch.strided and not t.is_nested and not t.is_quantized
+            and t.device.type != "meta" and t.dtype in _STORABLE_DTYPES
+        )
+        if not plain:
+            self.needs_structure = True
+            node = self.kind(path, shown, t.detach())
+            node.update(flags)
+            return node
+        node: Dict[str, Any] = {"t": path}
+        node.update(flags)
+        # ties: the same object, or the same view of the same memory, is stored once
+        seen = self.by_object.get(id(t))
+        if seen is not None:
+            name, number = seen
+        else:
+            view = view_key(t)
+            name = self.by_view.setdefault(view, path) if view is not None else path
+            if name == path:
+                self.store(path, shown, t)
+                number = 0
+            else:
+                number = self.objects_per_name.get(name, 0) + 1
+                self.objects_per_name[name] = number
+            self.by_object[id(t)] = (name, number)
+            self.keep_alive.append(t)  # ids stay unique while flattening
+        if name != path or seen is not None:
+            node["t"] = name
+            if number == 0:
+                node["same"] = 1  # the very object stored under that name
+            else:
+                node["o"] = number  # another object over the same memory
+            self.needs_structure = True
         return node
+
+    def kind(self, path: str, shown: str, t: torch.Tensor) -> Dict[str, Any]:
+        """A tensor kind safetensors cannot hold, as dense components plus a tag."""
+        if t.device.type == "meta":
+            return {"tk": "meta", "dtype": _types.dtype_name(t.dtype), "shape": list(t.shape),
+                    "stride": list(t.stride()) if t.layout is torch.strided else None}
+        if t.is_nested:
+            layout = "jagged" if t.layout is torch.jagged else "strided"
+            parts = [self.tensor(_join(path, str(i)), f"{shown}[{i}]", p) for i, p in enumerate(t.unbind())]
+            return {"tk": "nested", "layout": layout, "parts": parts}
+        if t.is_quantized:
+            scheme = t.qscheme()
+            node: Dict[str, Any] = {"tk": "quant", "dtype": _types.dtype_name(t.dtype),
+                                    "scheme": str(scheme)[len("torch."):],
+                                    "int": self.tensor(_join(path, "int_repr"), shown, t.int_repr())}
+            if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+                node["scale"] = _float_node(float(t.q_scale()))
+                node["zero_point"] = int(t.q_zero_point())
+            else:
+                node["scales"] = self.tensor(_join(path, "scales"), shown, t.q_per_channel_scales())
+                node["zero_points"] = self.tensor(_join(path, "zero_points"), shown, t.q_per_channel_zero_points())
+                node["axis"] = int(t.q_per_channel_axis())
+            return node
+        if t.layout is torch.sparse_coo:
+            return {"tk": "sparse_coo", "size": list(t.shape), "coalesced": bool(t.is_coalesced()),
+                    "indices": self.tensor(_join(path, "indices"), shown, t._indices()),
+                    "values": self.tensor(_join(path, "values"), shown, t._values())}
+        if t.layout in _COMPRESSED:
+            first, second = _COMPRESSED[t.layout]
+            return {"tk": "sparse_compressed", "layout": str(t.layout)[len("torch."):], "size": list(t.shape),
+                    "compressed": self.tensor(_join(path, first), shown, getattr(t, first)()),
+                    "plain": self.tensor(_join(path, second), shown, getattr(t, second)()),
+                    "values": self.tensor(_join(path, "values"), shown, t.values())}
+        if t.is_complex():
+            # no complex128 (or complex32) in safetensors: the (real, imag) pairs instead
+            return {"tk": "complex", "data": self.tensor(path, shown, torch.view_as_real(t.resolve_conj().resolve_neg()))}
+        raise TypeError(f"{shown}: tensor of dtype {t.dtype} cannot be saved in safetensors format")
+
+    def subclass(self, path: str, shown: str, t: torch.Tensor, flags: Dict[str, Any]) -> Dict[str, Any]:
+        self.needs_structure = True
+        ref = _types.reference(type(t), shown)
+        data = t.detach().as_subclass(torch.Tensor)
+        node: Dict[str, Any] = {"tk": "sub", "cls": ref, "data": self.tensor(path, shown, data)}
+        state = getattr(t, "__dict__", None)
+        if state:
+            node["state"] = self.value(_join(path, "state"), f"{shown}.__dict__", dict(state), 1)
+        node.update(flags)
+        return node
+
+    # -- values --
 
     def value(self, path: str, shown: str, v: Any, depth: int) -> Any:
         """path: the dotted name tensors are stored under; shown: the path in messages."""
@@ -187,30 +309,163 @@ class _Flattener:
             return self.tensor(path, shown, v)
         if kind in _PLAIN:
             self.needs_structure = True
-            if kind is float and not math.isfinite(v):
-                return {"f": "nan" if v != v else ("inf" if v > 0 else "-inf")}
-            return v
+            return _float_node(v) if kind is float else v
         if kind is dict or kind is OrderedDict:
             # a top-level dict of tensors needs no structure; anything deeper does
             self.needs_structure = self.needs_structure or depth > 0
-            items = []
-            for k, item in v.items():
-                part = _key_text(k, shown)
-                if type(k) is int:
-                    self.needs_structure = True
-                    sub_shown = f"{shown}[{k}]"
-                else:
-                    sub_shown = _join(shown, k)
-                items.append([k, self.value(_join(path, part), sub_shown, item, depth + 1)])
-            return {"d" if kind is dict else "od": items}
-        if kind is list or kind is tuple:
+        else:
             self.needs_structure = True
-            nodes = [
-                self.value(_join(path, str(i)), f"{shown}[{i}]", item, depth + 1)
-                for i, item in enumerate(v)
-            ]
-            return {"l" if kind is list else "tu": nodes}
-        raise _refuse(shown, v)
+        if id(v) in self.active:
+            raise ValueError(f"{shown}: the object contains itself; cycles cannot be saved")
+        self.active.add(id(v))
+        try:
+            return self.typed(path, shown, v, kind, depth)
+        finally:
+            self.active.discard(id(v))
+
+    def items(self, path: str, shown: str, v: dict, depth: int) -> Any:
+        """A dict's items: a JSON object when every key is a str, else [key, value] pairs."""
+        if all(type(k) is str for k in v):
+            return {k: self.value(_join(path, k), _join(shown, k), item, depth + 1) for k, item in v.items()}
+        self.needs_structure = True
+        pairs = []
+        for i, (k, item) in enumerate(v.items()):
+            if type(k) in (str, int):
+                part, key = str(k), k
+                sub_shown = _join(shown, k) if type(k) is str else f"{shown}[{k}]"
+            else:
+                part = f"key{i}"
+                sub_shown = f"{shown}[{k!r}]"
+                key = self.value(_join(path, f"key{i}.key"), f"{shown} key {k!r}", k, depth + 1)
+            pairs.append([key, self.value(_join(path, part), sub_shown, item, depth + 1)])
+        return pairs
+
+    def seq(self, path: str, shown: str, v: Any, depth: int) -> List[Any]:
+        return [self.value(_join(path, str(i)), f"{shown}[{i}]", item, depth + 1) for i, item in enumerate(v)]
+
+    def typed(self, path: str, shown: str, v: Any, kind: type, depth: int) -> Any:
+        if kind is dict or kind is OrderedDict:
+            return {"d" if kind is dict else "od": self.items(path, shown, v, depth)}
+        if kind is list or kind is tuple:
+            return {"l" if kind is list else "tu": self.seq(path, shown, v, depth)}
+        if kind is set or kind is frozenset:
+            return {"set" if kind is set else "fset": self.seq(path, shown, v, depth)}
+        if kind is bytes or kind is bytearray:
+            tag = "b" if kind is bytes else "ba"
+            if len(v) >= _BYTES_AS_TENSOR:
+                data = torch.frombuffer(bytearray(v), dtype=torch.uint8)
+                return {tag: self.tensor(path or "bytes", shown, data)}
+            return {tag: base64.b64encode(v).decode("ascii")}
+        if kind is complex:
+            return {"c": [_float_node(v.real), _float_node(v.imag)]}
+        if kind is range:
+            return {"range": [v.start, v.stop, v.step]}
+        if kind is slice:
+            return {"slice": self.seq(path, shown, (v.start, v.stop, v.step), depth)}
+        if kind is torch.dtype:
+            return {"dtype": _types.dtype_name(v)}
+        if kind is torch.device:
+            return {"device": str(v)}
+        if kind is torch.Size:
+            return {"size": list(v)}
+        if kind is torch.layout:
+            return {"layout": str(v)[len("torch."):]}
+        if kind is torch.memory_format:
+            return {"mfmt": str(v)[len("torch."):]}
+        if kind in _PATHS:
+            return {"path": [kind.__name__, str(v)]}
+        if kind is _types.Namespace:
+            return {"ns": self.items(path, shown, vars(v), depth)}
+        if kind is collections.Counter:
+            return {"counter": self.items(path, shown, v, depth)}
+        if kind is collections.defaultdict:
+            factory = v.default_factory
+            if factory is None:
+                fnode: Any = None
+            elif _types.FACTORY_NAMES.get(id(factory)) is not None:
+                fnode = _types.FACTORY_NAMES[id(factory)]
+            else:
+                fnode = self.value(_join(path, "default_factory"), f"{shown}.default_factory", factory, depth + 1)
+            return {"dd": [fnode, self.items(path, shown, v, depth)]}
+        if _types.is_numpy(v):
+            node = self.numpy(path, shown, v)
+            if node is not None:
+                return node
+        if isinstance(v, type) or isinstance(v, (types.FunctionType, types.BuiltinFunctionType)):
+            return {"ref": _types.reference(v, shown)}
+        if isinstance(v, types.ModuleType):
+            raise _refuse(shown, v, "a module is code; store its name as a str")
+        if isinstance(v, (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType,
+                          types.MethodType, types.CodeType, types.FrameType)):
+            raise _refuse(shown, v)
+        if isinstance(v, (torch.UntypedStorage, torch.TypedStorage)):
+            raise _refuse(shown, v, "store the tensor that views it")
+        if isinstance(v, torch.nn.Module):
+            raise _refuse(shown, v, "save its state_dict() and rebuild the module in code")
+        return self.reduced(path, shown, v, depth)
+
+    def numpy(self, path: str, shown: str, v: Any) -> Any:
+        import numpy as np  # already imported: v is a numpy value
+
+        if type(v) is np.ndarray:
+            text, t = _types.array_to_tensor(v, shown)
+            return {"nd": [text, self.tensor(path or "array", shown, t)]}
+        if isinstance(v, np.generic):
+            text = _types.numpy_dtype_text(v.dtype, shown, _type_name(v))
+            item = v.item()
+            return {"npv": [text, _float_node(item) if type(item) is float else
+                            ({"c": [_float_node(item.real), _float_node(item.imag)]} if type(item) is complex else item)]}
+        if isinstance(v, np.dtype):
+            return {"npdt": _types.numpy_dtype_text(v, shown, "numpy.dtype")}
+        if isinstance(v, np.ndarray):
+            raise _refuse(shown, v, "convert it with np.asarray(x)")
+        return None
+
+    def reduced(self, path: str, shown: str, v: Any, depth: int) -> Any:
+        """Any other object, as pickle's reduce protocol describes it, in JSON and tensors."""
+        try:
+            rv = v.__reduce_ex__(2)
+        except Exception as e:  # noqa: BLE001 - objects refuse to pickle in many ways
+            raise _refuse(shown, v, f"{type(e).__name__}: {e}") from None
+        if isinstance(rv, str):
+            module = getattr(v, "__module__", None) or ""
+            found = sys.modules.get(module)
+            for part in rv.split("."):
+                found = getattr(found, part, None)
+            if found is not v:
+                raise _refuse(shown, v, f"its reduce names {rv!r}, which does not lead back to it")
+            return {"ref": f"{module}:{rv}"}
+        if not isinstance(rv, tuple) or not 2 <= len(rv) <= 6:
+            raise _refuse(shown, v, "its __reduce_ex__ returned something pickle would not accept")
+        func, args, state, listitems, dictitems, setter = (tuple(rv) + (None,) * 4)[:6]
+        if setter is not None:
+            raise _refuse(shown, v, "its reduce uses a state setter")
+        if not isinstance(args, tuple):
+            raise _refuse(shown, v, "its reduce arguments are not a tuple")
+        body: Dict[str, Any] = {}
+        kwargs = None
+        if func is copyreg.__newobj__:
+            cls, args = args[0], args[1:]
+            body["new"] = _types.reference(cls, shown)
+        elif func is copyreg.__newobj_ex__:
+            cls, args, kwargs = args
+            body["new"] = _types.reference(cls, shown)
+        else:
+            body["call"] = _types.reference(func, shown)
+        if args:
+            body["args"] = self.seq(_join(path, "args"), f"{shown}.args", args, depth)
+        if kwargs:
+            body["kwargs"] = self.items(_join(path, "kwargs"), f"{shown}.kwargs", dict(kwargs), depth)
+        if state is not None:
+            body["state"] = self.value(path, shown, state, depth + 1)
+        if listitems is not None:
+            body["list"] = self.seq(_join(path, "items"), shown, list(listitems), depth)
+        if dictitems is not None:
+            body["dict"] = self.items(_join(path, "items"), shown, dict(dictitems), depth)
+        return {"obj": body}
+
+
+_PATHS = set(_types.PATH_TYPES.values())
 
 
 def flatten(obj: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
@@ -222,7 +477,7 @@ def flatten(obj: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
 
     Raises:
         TypeError: naming the key path and type of the first value that cannot be saved.
-        ValueError: nesting too deep, or two keys whose dotted paths collide.
+        ValueError: nesting too deep, a cycle, or two keys whose dotted paths collide.
     """
     fl = _Flattener()
     root = fl.value("", "", obj, 0)
@@ -240,7 +495,10 @@ def split(obj: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, str], bool]:
         without looking for ties; the writer must then refuse overlapping tensors
         (check_shared), and the caller falls back to :func:`flatten` if it does.
     """
-    if _C.plain_flat(obj):
+    if _C.plain_flat(obj) and all(
+        t.layout is torch.strided and t.dtype in _STORABLE_DTYPES and t.device.type != "meta"
+        and not t.is_nested and not t.is_quantized for t in obj.values()
+    ):
         return obj, {}, True
     tensors, meta = flatten(obj)
     return tensors, meta, False
@@ -248,7 +506,7 @@ def split(obj: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, str], bool]:
 
 def explain(obj: Any) -> None:
     """Raises the precise TypeError for the first tensor of a flat dict that cannot be
-    stored (nested, quantized, sparse, meta); returns if there is none."""
+    stored; returns if there is none."""
     if isinstance(obj, dict):
         for k, v in obj.items():
             if isinstance(v, torch.Tensor):
@@ -260,35 +518,210 @@ def explain(obj: Any) -> None:
 # ---- unflatten ----
 
 
-def _bad(msg: str) -> SafetensorError:
-    return error(f"invalid {STRUCTURE_KEY} metadata: {msg}", "structure")
+def _bad(msg: str, code: str = "structure") -> SafetensorError:
+    return error(f"invalid {STRUCTURE_KEY} metadata: {msg}" if code == "structure" else msg, code)
+
+
+# estimated bytes that parsing one token may allocate (CPython 3.11, 64-bit, rounded up)
+_COST_OBJECT = 240  # a JSON object: a dict
+_COST_ARRAY = 72  # a JSON array: a list
+_COST_STRING = 64  # a string object, besides its characters
+_COST_VALUE = 48  # per separator: a pointer, a number object, a dict entry
+_COST_TENSOR = 1024  # a tensor object built for a reference (Python object and TensorImpl)
+
+
+def budget_for(text: str) -> int:
+    """The memory the structure decoder may use for this text: ``BUDGET_FACTOR`` times
+    its size, and at least ``BUDGET_FLOOR``."""
+    return max(BUDGET_FACTOR * len(text), BUDGET_FLOOR)
+
+
+def estimate(text: str) -> int:
+    """An upper bound of what ``json.loads(text)`` allocates, counted without parsing:
+    every token is charged as the largest object it can produce."""
+    return (
+        _COST_OBJECT * text.count("{")
+        + _COST_ARRAY * text.count("[")
+        + _COST_STRING * (text.count('"') // 2)
+        + _COST_VALUE * (text.count(",") + text.count(":") + 1)
+        + sys.getsizeof(text)
+    )
+
+
+_TENSOR_FLAGS = {"t", "p", "g", "same", "o"}
+_KIND_FIELDS = {
+    "meta": {"dtype", "shape", "stride"},
+    "nested": {"layout", "parts"},
+    "quant": {"dtype", "scheme", "int", "scale", "zero_point", "scales", "zero_points", "axis"},
+    "sparse_coo": {"size", "coalesced", "indices", "values"},
+    "sparse_compressed": {"layout", "size", "compressed", "plain", "values"},
+    "complex": {"data"},
+    "sub": {"cls", "data", "state"},
+}
 
 
 class _Builder:
-    def __init__(self, tensors: Dict[str, torch.Tensor]):
+    def __init__(self, tensors: Dict[str, torch.Tensor], *, version: int, trusted: bool, budget: int, spent: int):
         self.tensors = tensors
-        self.objects: Dict[str, Any] = {}  # stored name -> the object built for it
+        self.version = version
+        self.objects: Dict[Tuple[str, int], Any] = {}  # (stored name, object number) -> the object
+        self.allow = _types.Allowlist(trusted=trusted, bad=_bad)
+        self.budget = budget
+        self.spent = spent
 
-    def tensor(self, node: Dict[str, Any]) -> Any:
+    def charge(self, nbytes: int) -> None:
+        self.spent += nbytes
+        if self.spent > self.budget:
+            raise _bad(f"rebuilding it would take more than its memory budget of {self.budget:,} bytes "
+                       f"({BUDGET_FACTOR}x the structure text, at least {BUDGET_FLOOR:,})", "budget")
+
+    # -- tensors --
+
+    def tensor(self, node: Dict[str, Any], depth: int) -> Any:
+        if "tk" in node:
+            return self.kind(node, depth)
+        extra = set(node) - _TENSOR_FLAGS
+        if extra:
+            raise _bad(f"a tensor reference has unexpected fields {sorted(extra)[:4]}")
         name = node.get("t")
         if not isinstance(name, str):
             raise _bad("a tensor reference is not a string")
         if name not in self.tensors:
             raise _bad(f"it refers to a tensor {name!r} that the file does not hold")
-        if node.get("same") == 1 and name in self.objects:
-            return self.objects[name]
+        number: Optional[int]
+        if self.version == 1:
+            # version 1 did not number tie objects: every other reference was its own object
+            number = 0 if node.get("same") == 1 or (name, 0) not in self.objects else None
+        else:
+            number = 0 if node.get("same") == 1 else node.get("o", 0)
+            if type(number) is not int or number < 0:
+                raise _bad(f"tensor {name!r}: object number {str(number)[:20]!r} is not a natural number")
+        if number is not None:
+            cached = self.objects.get((name, number))
+            if cached is not None:
+                return cached  # one object per stored object, however often it is referenced
         t = self.tensors[name]
-        if name in self.objects:
+        if number != 0:
+            self.charge(_COST_TENSOR)
             t = t.detach()  # a tie: another tensor object over the same storage
+        out = self.flags(node, t, name)
+        if number is not None:
+            self.objects[(name, number)] = out
+        return out
+
+    def flags(self, node: Dict[str, Any], t: torch.Tensor, name: str) -> torch.Tensor:
         grad = node.get("g") == 1
         if grad and not (t.is_floating_point() or t.is_complex()):
             raise _bad(f"tensor {name!r} of dtype {t.dtype} cannot require grad")
         if node.get("p") == 1:
-            out: Any = _Parameter(t, requires_grad=grad)
-        else:
-            out = t.requires_grad_(True) if grad and not t.requires_grad else t
-        self.objects.setdefault(name, out)
-        return out
+            return _Parameter(t, requires_grad=grad)
+        if grad and not t.requires_grad:
+            return t.requires_grad_(True) if t.is_leaf else t.detach().requires_grad_(True)
+        return t
+
+    def part(self, node: Dict[str, Any], field: str, depth: int) -> torch.Tensor:
+        sub = node.get(field)
+        if type(sub) is not dict or ("t" not in sub and "tk" not in sub):
+            raise _bad(f"a {node.get('tk')} tensor's {field!r} is not a tensor")
+        t = self.tensor(sub, depth + 1)
+        if type(t) is not torch.Tensor:
+            raise _bad(f"a {node.get('tk')} tensor's {field!r} is not a plain tensor")
+        return t
+
+    def shape(self, value: Any, what: str) -> List[int]:
+        if type(value) is not list or len(value) > 64 or any(type(n) is not int or n < 0 or n >= 1 << 62 for n in value):
+            raise _bad(f"{what} is not a list of sizes")
+        return value
+
+    def kind(self, node: Dict[str, Any], depth: int) -> Any:
+        tk = node.get("tk")
+        if tk not in _KIND_FIELDS:
+            raise _bad(f"unknown tensor kind {str(tk)[:40]!r}")
+        extra = set(node) - _KIND_FIELDS[tk] - {"tk", "p", "g"}
+        if extra:
+            raise _bad(f"a {tk} tensor has unexpected fields {sorted(extra)[:4]}")
+        self.charge(_COST_TENSOR)
+        try:
+            t = self.make_kind(tk, node, depth)
+        except SafetensorError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError, OverflowError) as e:
+            raise _bad(f"a {tk} tensor cannot be rebuilt: {_one_line(e)}") from None
+        return self.flags(node, t, str(tk))
+
+    def make_kind(self, tk: str, node: Dict[str, Any], depth: int) -> torch.Tensor:
+        if tk == "complex":
+            data = self.part(node, "data", depth)
+            if data.dtype not in (torch.float64, torch.float32, torch.float16) or data.dim() == 0 or data.shape[-1] != 2:
+                raise _bad("a complex tensor's data is not (real, imag) pairs")
+            return torch.view_as_complex(data if data.stride(-1) == 1 else data.contiguous())
+        if tk == "sub":
+            cls = self.allow.resolve(node.get("cls"), "tensor subclass")
+            if not (isinstance(cls, type) and issubclass(cls, torch.Tensor)):
+                raise _bad(f"{cls!r} is not a tensor subclass")
+            out = self.part(node, "data", depth).as_subclass(cls)
+            if "state" in node:
+                state = self.build(node["state"], depth + 1)
+                if type(state) is not dict:
+                    raise _bad("a tensor subclass's state is not a dict")
+                out.__dict__.update(state)
+            return out
+        if tk == "meta":
+            dtype = _types.lookup(_types._DTYPES, node.get("dtype"), "dtype", _bad)
+            shape = self.shape(node.get("shape"), "a meta tensor's shape")
+            stride = node.get("stride")
+            if stride is None:
+                return torch.empty(shape, dtype=dtype, device="meta")
+            stride = self.shape(stride, "a meta tensor's stride")
+            if len(stride) != len(shape):
+                raise _bad("a meta tensor's stride and shape differ in length")
+            return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+        if tk == "nested":
+            parts = node.get("parts")
+            if type(parts) is not list or not parts:
+                raise _bad("a nested tensor has no parts")
+            layout = {"strided": torch.strided, "jagged": torch.jagged}.get(node.get("layout"))
+            if layout is None:
+                raise _bad("unknown nested tensor layout")
+            tensors = []
+            for p in parts:
+                if type(p) is not dict:
+                    raise _bad("a nested tensor's part is not a tensor")
+                tensors.append(self.tensor(p, depth + 1))
+            return torch.nested.nested_tensor(tensors, layout=layout)
+        if tk == "quant":
+            dtype = _types.lookup(_types._DTYPES, node.get("dtype"), "dtype", _bad)
+            if dtype not in _QDTYPES:
+                raise _bad(f"{dtype} is not a quantized dtype")
+            scheme = _types.lookup(_types._QSCHEMES, node.get("scheme"), "quantization scheme", _bad)
+            ints = self.part(node, "int", depth)
+            if ints.dtype is not _QDTYPES.get(dtype):
+                raise _bad(f"a {dtype} tensor's integers are {ints.dtype}")
+            if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+                scale, zp = self.build(node.get("scale"), depth + 1), node.get("zero_point")
+                if type(scale) is not float or type(zp) is not int:
+                    raise _bad("a quantized tensor's scale or zero point is not a number")
+                return torch._make_per_tensor_quantized_tensor(ints, scale, zp)
+            axis = node.get("axis")
+            if type(axis) is not int:
+                raise _bad("a quantized tensor's axis is not an int")
+            return torch._make_per_channel_quantized_tensor(
+                ints, self.part(node, "scales", depth), self.part(node, "zero_points", depth), axis)
+        size = self.shape(node.get("size"), f"a {tk} tensor's size")
+        values = self.part(node, "values", depth)
+        if tk == "sparse_coo":
+            coalesced = node.get("coalesced")
+            if type(coalesced) is not bool:
+                raise _bad("a sparse tensor's coalesced flag is not a bool")
+            return torch.sparse_coo_tensor(self.part(node, "indices", depth), values, size,
+                                           is_coalesced=coalesced, check_invariants=True)
+        layout = _types.lookup(_types._LAYOUTS, node.get("layout"), "layout", _bad)
+        if layout not in _COMPRESSED:
+            raise _bad(f"{layout} is not a compressed sparse layout")
+        return torch.sparse_compressed_tensor(self.part(node, "compressed", depth), self.part(node, "plain", depth),
+                                              values, size, layout=layout, check_invariants=True)
+
+    # -- values --
 
     def build(self, node: Any, depth: int) -> Any:
         if depth > MAX_DEPTH:
@@ -299,58 +732,498 @@ class _Builder:
             raise _bad("a bare JSON array where a tagged node was expected")
         if type(node) is not dict or len(node) == 0:
             raise _bad("a node is not a tagged JSON object")
-        if "t" in node:
-            return self.tensor(node)
+        if "t" in node or "tk" in node:
+            return self.tensor(node, depth)
         if len(node) != 1:
             raise _bad(f"a node has unexpected fields {sorted(node)[:4]}")
         (tag, body), = node.items()
-        if tag == "f":
-            if body not in ("nan", "inf", "-inf"):
-                raise _bad(f"unknown float {body!r}")
-            return float(body)
-        if not isinstance(body, list):
-            raise _bad(f"the body of a {tag!r} node is not a list")
-        if tag in ("d", "od"):
-            out: Any = {} if tag == "d" else OrderedDict()
-            for pair in body:
-                if not isinstance(pair, list) or len(pair) != 2:
-                    raise _bad("a dict item is not a [key, value] pair")
-                k = pair[0]
-                if type(k) not in (str, int):
-                    raise _bad(f"a dict key of type {type(k).__name__}")
-                out[k] = self.build(pair[1], depth + 1)
-            return out
-        if tag in ("l", "tu"):
-            items = [self.build(item, depth + 1) for item in body]
-            return items if tag == "l" else tuple(items)
-        raise _bad(f"unknown node tag {tag!r}")
+        handler = _V1_TAGS.get(tag) if self.version == 1 else _TAGS.get(tag)
+        if handler is None:
+            raise _bad(f"unknown node tag {str(tag)[:40]!r}")
+        return handler(self, body, depth)
+
+    def seq(self, body: Any, depth: int, what: str) -> List[Any]:
+        """Builds a list node's items in place: each JSON node is dropped once built."""
+        if type(body) is not list:
+            raise _bad(f"the body of a {what} node is not a list")
+        for i, item in enumerate(body):
+            body[i] = self.build(item, depth + 1)
+        return body
+
+    def pairs(self, body: Any, depth: int, what: str) -> List[Tuple[Any, Any]]:
+        out = []
+        if type(body) is dict and self.version >= 2:
+            for k in body:
+                body[k] = self.build(body[k], depth + 1)
+            return body  # type: ignore[return-value]
+        if type(body) is not list:
+            raise _bad(f"the body of a {what} node is not a list of pairs")
+        for pair in body:
+            if type(pair) is not list or len(pair) != 2:
+                raise _bad(f"a {what} item is not a [key, value] pair")
+            k = pair[0]
+            if self.version == 1 and type(k) not in (str, int):
+                raise _bad(f"a dict key of type {type(k).__name__}")
+            key = self.build(k, depth + 1)
+            try:
+                hash(key)
+            except TypeError:
+                raise _bad(f"a {what} key of type {type(key).__name__} is not hashable") from None
+            out.append((key, self.build(pair[1], depth + 1)))
+        body.clear()
+        return out
+
+    def dict_node(self, body: Any, depth: int) -> Any:
+        items = self.pairs(body, depth, "dict")
+        return items if type(items) is dict else dict(items)
+
+    def odict_node(self, body: Any, depth: int) -> Any:
+        items = self.pairs(body, depth, "OrderedDict")
+        out = OrderedDict(items.items() if type(items) is dict else items)
+        self.charge(48 * len(out))  # OrderedDict links
+        return out
+
+    def tuple_node(self, body: Any, depth: int) -> Any:
+        out = tuple(self.seq(body, depth, "tuple"))
+        body.clear()
+        return out
+
+    def set_node(self, body: Any, depth: int, kind: Any = set) -> Any:
+        items = self.seq(body, depth, "set")
+        self.charge(32 * len(items))
+        try:
+            out = kind(items)
+        except TypeError as e:
+            raise _bad(f"a set holds an unhashable item ({e})") from None
+        body.clear()
+        return out
+
+    def bytes_node(self, body: Any, depth: int, kind: Any = bytes) -> Any:
+        if type(body) is str:
+            try:
+                return kind(base64.b64decode(body.encode("ascii"), validate=True))
+            except (ValueError, UnicodeEncodeError):
+                raise _bad("bytes are not base64") from None
+        if type(body) is dict:
+            t = self.tensor(body, depth + 1)
+            if type(t) is not torch.Tensor or t.dtype is not torch.uint8 or t.dim() != 1 or t.device.type != "cpu":
+                raise _bad("bytes are not a 1-d uint8 CPU tensor")
+            t = t.contiguous()
+            return kind(ctypes.string_at(t.data_ptr(), t.numel()) if t.numel() else b"")
+        raise _bad("bytes are neither base64 nor a tensor")
+
+    def arity(self, body: Any, n: int, what: str) -> List[Any]:
+        if type(body) is not list or len(body) != n:
+            raise _bad(f"a {what} node does not have {n} items")
+        return body
+
+    def number(self, node: Any, depth: int) -> float:
+        v = self.build(node, depth + 1)
+        if type(v) not in (int, float):
+            raise _bad("a complex part is not a number")
+        return float(v)
+
+    def complex_node(self, body: Any, depth: int) -> Any:
+        re_, im = self.arity(body, 2, "complex")
+        return complex(self.number(re_, depth), self.number(im, depth))
+
+    def range_node(self, body: Any, depth: int) -> Any:
+        parts = self.arity(body, 3, "range")
+        if any(type(p) is not int for p in parts) or parts[2] == 0:
+            raise _bad("a range is not three ints with a nonzero step")
+        return range(*parts)
+
+    def slice_node(self, body: Any, depth: int) -> Any:
+        return slice(*self.seq(self.arity(body, 3, "slice"), depth, "slice"))
+
+    def size_node(self, body: Any, depth: int) -> Any:
+        if type(body) is not list or any(type(n) is not int or not -(1 << 63) <= n < 1 << 63 for n in body):
+            raise _bad("a torch.Size is not a list of 64-bit ints")
+        try:
+            return torch.Size(body)
+        except (RuntimeError, OverflowError, TypeError) as e:
+            raise _bad(f"a torch.Size cannot be built: {_one_line(e)}") from None
+
+    def device_node(self, body: Any, depth: int) -> Any:
+        if type(body) is not str or len(body) > 64:
+            raise _bad("a device is not a short string")
+        try:
+            return torch.device(body)
+        except (RuntimeError, ValueError) as e:
+            raise _bad(f"device {body!r}: {_one_line(e)}") from None
+
+    def path_node(self, body: Any, depth: int) -> Any:
+        kind, text = self.arity(body, 2, "path")
+        return _types.make_path(kind, text, _bad)
+
+    def namespace_node(self, body: Any, depth: int) -> Any:
+        items = self.pairs(body, depth, "Namespace")
+        items = items.items() if type(items) is dict else items
+        if any(type(k) is not str for k, _ in items):
+            raise _bad("a Namespace has a key that is not a str")
+        return _types.Namespace(**dict(items))
+
+    def counter_node(self, body: Any, depth: int) -> Any:
+        items = self.pairs(body, depth, "Counter")
+        out = collections.Counter()
+        out.update(dict(items.items() if type(items) is dict else items))
+        return out
+
+    def defaultdict_node(self, body: Any, depth: int) -> Any:
+        factory, items = self.arity(body, 2, "defaultdict")
+        if factory is None or type(factory) is str:
+            fn = None if factory is None else _types.lookup(_types.DEFAULT_FACTORIES, factory, "defaultdict factory", _bad)
+        else:
+            fn = self.build(factory, depth + 1)
+            if not callable(fn):
+                raise _bad("a defaultdict factory is not callable")
+        built = self.pairs(items, depth, "defaultdict")
+        return collections.defaultdict(fn, built.items() if type(built) is dict else built)
+
+    def ndarray_node(self, body: Any, depth: int) -> Any:
+        text, data = self.arity(body, 2, "numpy array")
+        if type(data) is not dict:
+            raise _bad("a numpy array's data is not a tensor")
+        t = self.tensor(data, depth + 1)
+        if type(t) is not torch.Tensor:
+            raise _bad("a numpy array's data is not a plain tensor")
+        return _types.tensor_to_array(text, t, _bad)
+
+    def npscalar_node(self, body: Any, depth: int) -> Any:
+        text, value = self.arity(body, 2, "numpy scalar")
+        return _types.numpy_scalar(text, self.build(value, depth + 1), _bad)
+
+    def ref_node(self, body: Any, depth: int) -> Any:
+        return self.allow.resolve(body, "class or function")
+
+    def obj_node(self, body: Any, depth: int) -> Any:
+        """An object as its reduce tuple describes it: rebuilt only if allowed."""
+        if type(body) is not dict:
+            raise _bad("an object node is not a JSON object")
+        extra = set(body) - {"new", "call", "args", "kwargs", "state", "list", "dict"}
+        if extra or ("new" in body) == ("call" in body):
+            raise _bad("an object node needs exactly one of 'new' and 'call', and nothing unknown")
+        role = "class" if "new" in body else "callable"
+        target = self.allow.resolve(body.get("new", body.get("call")), role)
+        name = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', '?')}"
+        args = self.seq(body.get("args", []), depth, "arguments")
+        kwargs = self.pairs(body.get("kwargs", {}), depth, "keyword arguments")
+        kwargs = dict(kwargs.items() if type(kwargs) is dict else kwargs)
+        if any(type(k) is not str for k in kwargs):
+            raise _bad("keyword argument names must be str")
+        self.charge(_COST_OBJECT)
+        try:
+            if role == "class":
+                if not isinstance(target, type):
+                    raise _bad(f"{name} is not a class")
+                obj = target.__new__(target, *args, **kwargs)
+            else:
+                if not callable(target):
+                    raise _bad(f"{name} is not callable")
+                obj = target(*args, **kwargs)
+            if "state" in body:
+                _set_state(obj, self.build(body["state"], depth + 1))
+            if "list" in body:
+                items = self.seq(body["list"], depth, "list items")
+                obj.extend(items) if hasattr(obj, "extend") else [obj.append(x) for x in items]
+            if "dict" in body:
+                pairs = self.pairs(body["dict"], depth, "dict items")
+                for k, v in (pairs.items() if type(pairs) is dict else pairs):
+                    obj[k] = v
+        except SafetensorError:
+            raise
+        except RecursionError:
+            raise _bad(f"rebuilding {name} recursed too deeply") from None
+        except Exception as e:  # noqa: BLE001 - an allowed class refusing malformed state
+            raise _bad(f"rebuilding {name} failed: {type(e).__name__}: {_one_line(e)}") from None
+        return obj
 
 
-def unflatten(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]]) -> Any:
+def _set_state(obj: Any, state: Any) -> None:
+    """pickle's BUILD, as torch's weights_only unpickler does it."""
+    setstate = getattr(obj, "__setstate__", None)
+    if setstate is not None:
+        setstate(state)
+        return
+    slots = None
+    if isinstance(state, tuple) and len(state) == 2:
+        state, slots = state
+    if state:
+        obj.__dict__.update(state)
+    if slots:
+        for k, v in slots.items():
+            setattr(obj, k, v)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return text[:300]
+
+
+_QDTYPES = {torch.qint8: torch.int8, torch.quint8: torch.uint8, torch.qint32: torch.int32}
+if hasattr(torch, "quint4x2"):
+    _QDTYPES[torch.quint4x2] = torch.uint8
+if hasattr(torch, "quint2x4"):
+    _QDTYPES[torch.quint2x4] = torch.uint8
+
+
+def _float_tag(b: _Builder, body: Any, depth: int) -> Any:
+    if body not in ("nan", "inf", "-inf"):
+        raise _bad(f"unknown float {str(body)[:40]!r}")
+    return float(body)
+
+
+def _lookup_tag(table: Dict[str, Any], what: str) -> Any:
+    return lambda b, body, depth: _types.lookup(table, body, what, _bad)
+
+
+_V1_TAGS: Dict[str, Any] = {
+    "f": _float_tag,
+    "d": _Builder.dict_node,
+    "od": _Builder.odict_node,
+    "l": lambda b, body, depth: b.seq(body, depth, "list"),
+    "tu": _Builder.tuple_node,
+}
+_TAGS: Dict[str, Any] = dict(
+    _V1_TAGS,
+    set=_Builder.set_node,
+    fset=lambda b, body, depth: b.set_node(body, depth, frozenset),
+    b=_Builder.bytes_node,
+    ba=lambda b, body, depth: b.bytes_node(body, depth, bytearray),
+    c=_Builder.complex_node,
+    range=_Builder.range_node,
+    slice=_Builder.slice_node,
+    dtype=_lookup_tag(_types._DTYPES, "dtype"),
+    device=_Builder.device_node,
+    size=_Builder.size_node,
+    layout=_lookup_tag(_types._LAYOUTS, "layout"),
+    mfmt=_lookup_tag(_types._MEMORY_FORMATS, "memory format"),
+    path=_Builder.path_node,
+    ns=_Builder.namespace_node,
+    counter=_Builder.counter_node,
+    dd=_Builder.defaultdict_node,
+    nd=_Builder.ndarray_node,
+    npv=_Builder.npscalar_node,
+    npdt=lambda b, body, depth: _types.numpy_dtype(body, _bad),
+    ref=_Builder.ref_node,
+    obj=_Builder.obj_node,
+)
+
+
+def unflatten(
+    tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]], *, trusted: bool = False
+) -> Any:
     """Rebuilds what flatten split, from a file's tensors and metadata.
 
     Without the structure key the tensors dict is returned as it is.
 
+    Args:
+        tensors: the file's tensors by name.
+        metadata: the file's ``__metadata__``.
+        trusted: the caller passed ``weights_only=False``: classes and functions the
+            file names are imported and rebuilt without the allowlist.
+
     Raises:
-        SafetensorError: the structure metadata is malformed or refers to a tensor that
-            the file does not hold.
+        SafetensorError: the structure metadata is malformed, refers to a tensor that the
+            file does not hold, would exceed the decoder's memory budget
+            (``max(4 x its size, 256 MiB)``), or names a class or function that this process
+            has not allowed (code ``"not_allowed"``).
     """
     text = (metadata or {}).get(STRUCTURE_KEY)
     if text is None:
         return tensors
+    budget = budget_for(text)
+    spent = estimate(text)
+    if spent > budget:
+        raise _bad(f"parsing it could take {spent:,} bytes, more than its memory budget of "
+                   f"{budget:,} ({BUDGET_FACTOR}x the structure text, at least {BUDGET_FLOOR:,})", "budget")
     try:
-        doc = json.loads(text, parse_constant=lambda c: _raise_constant(c))
+        doc = json.loads(text, parse_constant=_raise_constant)
     except RecursionError:
         raise _bad("nested too deeply") from None
     except ValueError as e:
         if isinstance(e, SafetensorError):
             raise
-        raise _bad(f"not JSON ({e})") from None
+        raise _bad(f"not JSON ({_one_line(e)})") from None
     version = doc.get("version") if type(doc) is dict else None
-    if type(version) is not int or version != STRUCTURE_VERSION or "root" not in doc:
-        raise _bad(f"expected an object with version {STRUCTURE_VERSION} and a root")
-    return _Builder(tensors).build(doc["root"], 0)
+    if type(version) is not int or version not in READABLE_VERSIONS or "root" not in doc:
+        raise _bad(f"expected an object with a version in {READABLE_VERSIONS} and a root")
+    root = doc.pop("root")
+    del doc
+    try:
+        return _Builder(tensors, version=version, trusted=trusted, budget=budget, spent=spent).build(root, 0)
+    except RecursionError:
+        raise _bad("nested too deeply") from None
 
 
 def _raise_constant(c: str) -> Any:
     raise _bad(f"the non-standard JSON constant {c}")
+
+
+# ---- describing a structure without building it (the CLI's inspect tree) ----
+
+_DESCRIBE_TYPES = {
+    "d": "dict", "od": "OrderedDict", "l": "list", "tu": "tuple", "set": "set", "fset": "frozenset",
+    "ns": "argparse.Namespace", "counter": "collections.Counter", "dd": "collections.defaultdict",
+    "b": "bytes", "ba": "bytearray", "c": "complex", "range": "range", "slice": "slice",
+    "dtype": "torch.dtype", "device": "torch.device", "size": "torch.Size", "layout": "torch.layout",
+    "mfmt": "torch.memory_format", "path": "pathlib path", "nd": "numpy.ndarray", "npv": "numpy scalar",
+    "npdt": "numpy.dtype", "ref": "reference", "obj": "object", "f": "float",
+}
+
+
+def describe(text: str, tensors: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """The tree a structure describes, as JSON-ready nodes, without building anything:
+    containers with their items, plain values, objects with their class names, tensors with
+    their dtype and shape (``tensors``: name -> {"dtype", "shape"}), and tied aliases.
+
+    Raises:
+        SafetensorError: the structure is not JSON, over the memory budget, or too deep.
+    """
+    if estimate(text) > budget_for(text):
+        raise _bad("too large to describe within the memory budget", "budget")
+    try:
+        doc = json.loads(text, parse_constant=_raise_constant)
+    except RecursionError:
+        raise _bad("nested too deeply") from None
+    except ValueError as e:
+        if isinstance(e, SafetensorError):
+            raise
+        raise _bad(f"not JSON ({_one_line(e)})") from None
+    if type(doc) is not dict or "root" not in doc:
+        raise _bad("no root")
+    refs: Dict[str, List[str]] = {}
+
+    def tensor(node: Dict[str, Any], where: str) -> Dict[str, Any]:
+        if "tk" in node:
+            out: Dict[str, Any] = {"type": "tensor", "kind": str(node.get("tk"))}
+            for k, v in node.items():
+                if isinstance(v, dict) and ("t" in v or "tk" in v):
+                    out[k] = tensor(v, where)
+                elif k == "parts" and isinstance(v, list):
+                    out[k] = [tensor(p, where) if isinstance(p, dict) else walk(p, where, 1) for p in v]
+                elif k != "tk":
+                    out[k] = v
+            return out
+        name = str(node.get("t"))
+        info = tensors.get(name, {})
+        refs.setdefault(name, []).append(where)
+        out = {"type": "tensor", "name": name, "dtype": info.get("dtype"), "shape": info.get("shape")}
+        if node.get("p") == 1:
+            out["parameter"] = True
+        if node.get("g") == 1:
+            out["requires_grad"] = True
+        return out
+
+    def items(body: Any, where: str, depth: int) -> List[Dict[str, Any]]:
+        pairs = body.items() if isinstance(body, dict) else (p for p in body if isinstance(p, list) and len(p) == 2) \
+            if isinstance(body, list) else ()
+        out = []
+        for k, v in pairs:
+            key = k if isinstance(k, (str, int)) else walk(k, where, depth + 1)
+            shown = k if isinstance(k, str) else f"[{k}]" if isinstance(k, int) else "[...]"
+            out.append({"key": key, "value": walk(v, _join(where, str(shown)), depth + 1)})
+        return out
+
+    def walk(node: Any, where: str, depth: int) -> Dict[str, Any]:
+        if depth > MAX_DEPTH:
+            raise _bad(f"nested deeper than {MAX_DEPTH} levels")
+        if node is None or type(node) in (bool, int, float, str):
+            return {"type": type(node).__name__ if node is not None else "None", "value": node}
+        if type(node) is not dict or not node:
+            return {"type": "invalid"}
+        if "t" in node or "tk" in node:
+            return tensor(node, where)
+        (tag, body), = list(node.items())[:1]
+        kind = _DESCRIBE_TYPES.get(tag, f"unknown {tag!r}")
+        if tag in ("d", "od", "ns", "counter"):
+            return {"type": kind, "items": items(body, where, depth)}
+        if tag == "dd" and isinstance(body, list) and len(body) == 2:
+            return {"type": kind, "default_factory": body[0], "items": items(body[1], where, depth)}
+        if tag in ("l", "tu", "set", "fset") and isinstance(body, list):
+            return {"type": kind, "items": [walk(v, f"{where}[{i}]", depth + 1) for i, v in enumerate(body)]}
+        if tag == "obj" and isinstance(body, dict):
+            out: Dict[str, Any] = {"type": "object", "class": str(body.get("new", body.get("call"))).replace(":", ".")}
+            for field in ("args", "list"):
+                if isinstance(body.get(field), list):
+                    out[field] = [walk(v, where, depth + 1) for v in body[field]]
+            if "state" in body:
+                out["state"] = walk(body["state"], where, depth + 1)
+            for field in ("dict", "kwargs"):
+                if field in body:
+                    out[field] = items(body[field], where, depth)
+            return out
+        if tag == "ref":
+            return {"type": kind, "name": str(body).replace(":", ".")}
+        if tag == "nd" and isinstance(body, list) and len(body) == 2 and isinstance(body[1], dict):
+            return {"type": kind, "numpy_dtype": body[0], "data": tensor(body[1], where)}
+        if tag in ("b", "ba") and isinstance(body, dict):
+            return {"type": kind, "data": tensor(body, where)}
+        return {"type": kind, "value": body}
+
+    try:
+        root = walk(doc["root"], "", 0)
+    except RecursionError:
+        raise _bad("nested too deeply") from None
+    ties = {name: where for name, where in refs.items() if len(where) > 1}
+    return {"version": doc.get("version"), "root": root, "ties": ties}
+
+
+def tree_lines(tree: Dict[str, Any], *, limit: int = 2000) -> List[str]:
+    """The tree :func:`describe` returns, as indented text lines (at most ``limit``)."""
+    lines: List[str] = []
+
+    def brief(node: Dict[str, Any]) -> str:
+        kind = node.get("type")
+        if kind == "tensor":
+            if "name" in node:
+                shape = "[" + ", ".join(map(str, node.get("shape") or [])) + "]"
+                flags = "".join([" parameter" if node.get("parameter") else "",
+                                 " requires_grad" if node.get("requires_grad") else ""])
+                return f"tensor {node.get('dtype')} {shape}{flags}  ({node['name']})"
+            return f"tensor ({node.get('kind')})"
+        if kind == "object":
+            return f"object {node.get('class')}"
+        if kind == "reference":
+            return f"reference to {node.get('name')}"
+        if "items" in node:
+            return f"{kind} ({len(node['items'])} items)"
+        if "value" in node:
+            return f"{kind} {json.dumps(node['value'], ensure_ascii=False)[:120]}"
+        return str(kind)
+
+    def emit(label: str, node: Dict[str, Any], indent: int) -> None:
+        if len(lines) >= limit:
+            return
+        lines.append("  " * indent + (f"{label}: " if label else "") + brief(node))
+        for i, item in enumerate(node.get("items", [])):
+            if "key" in item:
+                key = item["key"]
+                text = key if isinstance(key, str) else str(key) if isinstance(key, int) else brief(key)
+                emit(str(text), item["value"], indent + 1)
+            else:
+                emit(f"[{i}]", item, indent + 1)
+        for field in ("args", "list"):
+            for i, item in enumerate(node.get(field, [])):
+                emit(f"{field}[{i}]", item, indent + 1)
+        if isinstance(node.get("state"), dict):
+            emit("state", node["state"], indent + 1)
+        for field in ("dict", "kwargs"):
+            for item in node.get(field, []):
+                emit(str(item["key"]), item["value"], indent + 1)
+        if node.get("type") == "tensor" and "name" not in node:
+            for k, v in node.items():
+                if isinstance(v, dict) and v.get("type") == "tensor":
+                    emit(k, v, indent + 1)
+                elif k == "parts" and isinstance(v, list):
+                    for i, p in enumerate(v):
+                        emit(f"[{i}]", p, indent + 1)
+        if "data" in node and node.get("type") != "tensor":
+            emit("data", node["data"], indent + 1)
+
+    emit("", tree["root"], 0)
+    if len(lines) >= limit:
+        lines.append(f"... (tree cut at {limit} lines; --json gives all of it)")
+    for name, where in sorted(tree.get("ties", {}).items()):
+        lines.append(f"tie: {name} is referenced at {', '.join(w or '<root>' for w in where)}")
+    return lines

@@ -193,31 +193,50 @@ def _check_zip_records(fd: int) -> None:
 
     torch.load(mmap=True) slices storages out of the mapped file by the sizes the pickle
     claims without checking the records (torch 2.13), so a short record would fill a
-    tensor from the bytes after it. Anything this check cannot read is left to torch."""
+    tensor from the bytes after it. The pickle is found as torch finds it: the archive
+    is the folder of the central directory's first entry, and names are matched without
+    regard to case (miniz's lookup); with several such members (zip readers disagree on
+    which one wins) each is checked, so extra members never switch the check off.
+    Anything this check cannot read is left to torch."""
     import zipfile
 
     try:
         with os.fdopen(os.dup(fd), "rb") as fobj, zipfile.ZipFile(fobj) as z:
-            names = [n for n in z.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
-            if len(names) != 1:
-                return
-            prefix = names[0][: -len("data.pkl")]
-            claims = _claimed_storage_bytes(z.read(names[0]))
-            infos = {i.filename: i for i in z.infolist()}
+            infos = z.infolist()
+            if not infos or "/" not in infos[0].filename:
+                return  # torch refuses an archive without a top-level folder itself
+            prefix = infos[0].filename.split("/", 1)[0] + "/"
+            by_name: Dict[str, list] = {}
+            for i in infos:
+                by_name.setdefault(i.filename.lower(), []).append(i)
+            claims: Dict[str, int] = {}
+            for info in by_name.get((prefix + "data.pkl").lower(), []):
+                try:
+                    found = _claimed_storage_bytes(z.read(info))
+                except Exception:  # noqa: BLE001 - torch's unpickler refuses it too
+                    continue
+                for key, nbytes in found.items():
+                    claims[key] = max(claims.get(key, 0), nbytes)
     except Exception:  # noqa: BLE001 - not a zip this check understands: torch decides
         return
     for key, nbytes in claims.items():
         record = f"{prefix}data/{key}"
-        info = infos.get(record)
-        have = None if info is None else info.file_size
-        if info is not None and info.compress_type != zipfile.ZIP_STORED:
+        found_records = by_name.get(record.lower(), [])
+        if not found_records:
             raise RuntimeError(
-                f"invalid checkpoint: record {record!r} is compressed; torch.load(mmap=True) "
-                "would map the compressed bytes as the tensor's data. Load it with mmap=False."
-            )
-        if have is None or have < nbytes:
-            raise RuntimeError(
-                f"invalid checkpoint: record size {have} of {record!r} does not match the "
+                f"invalid checkpoint: record size None of {record!r} does not match the "
                 f"{nbytes} bytes its pickle claims; refusing to map it (mmap=True would "
                 "read the bytes that follow the record)"
             )
+        for info in found_records:
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise RuntimeError(
+                    f"invalid checkpoint: record {record!r} is compressed; torch.load(mmap=True) "
+                    "would map the compressed bytes as the tensor's data. Load it with mmap=False."
+                )
+            if info.file_size < nbytes:
+                raise RuntimeError(
+                    f"invalid checkpoint: record size {info.file_size} of {record!r} does not "
+                    f"match the {nbytes} bytes its pickle claims; refusing to map it (mmap=True "
+                    "would read the bytes that follow the record)"
+                )

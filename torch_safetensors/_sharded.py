@@ -6,10 +6,12 @@ with sorted keys and two-space indentation, as transformers writes it). A checkp
 that fits in one shard is a single ``{prefix}.safetensors`` with no index, as
 transformers and huggingface_hub name it.
 
-Write order: the old index (and an old single file) are removed first, then every
-shard is written (each atomically and durably), then the index, atomically, LAST; then
-shards of an older save that the new index does not name are deleted. An interrupted
-save therefore never looks complete: there is no index until every shard is in place.
+Write order: new shards take names no file in the directory has (the standard ones
+when free, else ``{prefix}-{8 hex}-00001-of-0000N.safetensors``), each written
+atomically and durably; then the index (or a single file) is renamed into place LAST;
+only then are the old index, an old single file and unnamed shards deleted. At every
+instant the directory holds a complete checkpoint: the old one until the new index
+lands, the new one after, whatever stops the save (an error, Ctrl-C, SIGKILL).
 
 Ties: names that are the same view of the same memory (tied embeddings) are stored
 once, in the shard of their first name; only stored names appear in ``weight_map``
@@ -18,16 +20,20 @@ records the other names so that ``torch.load`` gives them back sharing one stora
 """
 from __future__ import annotations
 
+import contextlib
+import decimal
 import errno
+import fcntl
 import json
 import os
 import re
-import stat
+import uuid
+import warnings
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 
-from . import _C, _checkpoint, _core, _torch
+from . import _C, _checkpoint, _core, _source, _torch
 from ._core import SafetensorError
 
 __all__ = ["save_sharded", "load_sharded"]
@@ -36,9 +42,10 @@ FILE_PATH = Union[str, "os.PathLike[str]"]
 SIZE = Union[int, str]
 MAP_LOCATION = Union[None, str, bytes, torch.device, Dict[str, str], Callable[..., Any]]
 
-INDEX_SUFFIX = ".safetensors.index.json"
-MAX_INDEX_BYTES = 100_000_000  # the same bound as a safetensors header
+INDEX_SUFFIX = _source.INDEX_SUFFIX
+MAX_INDEX_BYTES = _source.MAX_JSON_BYTES  # the same bound as a safetensors header
 DEFAULT_PREFIX = "model"
+MAX_SHARD_SIZE = 2**63 - 1  # what a file offset can represent
 
 # Decimal units as huggingface_hub and transformers read them ("5GB" = 5 * 10**9),
 # binary units with an "i" ("5GiB" = 5 * 2**30); case-insensitive.
@@ -67,7 +74,8 @@ def parse_size(size: SIZE) -> int:
         The size in bytes, at least 1.
 
     Raises:
-        ValueError: the size is not positive or not in one of these forms.
+        ValueError: the size is not positive, too large to represent (over 2**63 - 1
+            bytes), or not in one of these forms.
         TypeError: size is neither an int nor a str.
 
     Example:
@@ -86,9 +94,13 @@ def parse_size(size: SIZE) -> int:
                 f"max_shard_size {size!r} is not a size: use an int (bytes) or a number with a "
                 "unit, such as '5GB', '500MB' or '2GiB'"
             )
-        value = int(float(m.group(1)) * _UNITS[unit])
+        # exact decimal arithmetic: no float overflow (OverflowError) or rounding
+        exact = decimal.Decimal(m.group(1)) * _UNITS[unit]
+        value = int(exact) if exact <= MAX_SHARD_SIZE else MAX_SHARD_SIZE + 1
     if value < 1:
         raise ValueError(f"max_shard_size must be at least 1 byte, not {size!r}")
+    if value > MAX_SHARD_SIZE:
+        raise ValueError(f"max_shard_size {size!r} is too large: at most {MAX_SHARD_SIZE} bytes (2**63 - 1)")
     return value
 
 
@@ -101,7 +113,8 @@ _ANY_SHARD = re.compile(r".+-\d{5,}-of-\d{5,}\.safetensors")
 
 
 def _shard_pattern(prefix: str) -> "re.Pattern[str]":
-    return re.compile(re.escape(prefix) + r"-\d{5,}-of-\d{5,}\.safetensors")
+    """Shard names of this prefix: standard, or unique to one save (8 hex digits)."""
+    return re.compile(re.escape(prefix) + r"(?:-[0-9a-f]{8})?-\d{5,}-of-\d{5,}\.safetensors")
 
 
 def _check_prefix(prefix: Any) -> str:
@@ -198,6 +211,54 @@ def _remove(path: str) -> None:
         pass
 
 
+def _discard(path: str) -> None:
+    """Removes a file that no complete checkpoint needs; never raises: a failure (a
+    directory of that name, a read-only entry) is a warning."""
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            raise IsADirectoryError(errno.EISDIR, "a directory, not a file", path)
+        _remove(path)
+    except OSError as e:
+        warnings.warn(f"torch_safetensors: left {path} in place ({e.strerror or e})", RuntimeWarning,
+                      stacklevel=3)
+
+
+@contextlib.contextmanager
+def _locked(directory: str) -> Iterator[None]:
+    """Holds an exclusive flock on the directory: concurrent saves into it take turns
+    (each one's cleanup would otherwise delete the other's new shards)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass  # a file system without flock: saves are still each complete
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _replace_with(directory: str, name: str, token: str, write: Callable[[str], None]) -> str:
+    """Writes a file under a temporary name unique to this save, then renames it to
+    ``name``: a symlink planted at ``name`` is replaced, never written through."""
+    tmp = os.path.join(directory, f".{name}.{token}.partial")
+    final = os.path.join(directory, name)
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        try:
+            _remove(tmp)
+        except OSError:
+            pass
+        raise
+    return final
+
+
 def _write_index(path: str, index: Dict[str, Any]) -> None:
     """Writes the index atomically and durably, with the C writer the shards use."""
     data = (json.dumps(index, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
@@ -214,6 +275,37 @@ def _prepare_directory(directory: FILE_PATH) -> str:
     return path
 
 
+def _shard_names(directory: str, prefix: str, count: int, token: str) -> List[str]:
+    """Standard names (``model-00001-of-00003.safetensors``) when none of them is taken;
+    else names unique to this save (``model-{token}-00001-of-00003.safetensors``), so a
+    new shard never replaces one that the current index still names."""
+    names = [shard_name(prefix, i, count) for i in range(1, count + 1)]
+    if any(os.path.lexists(os.path.join(directory, n)) for n in names):
+        names = [shard_name(f"{prefix}-{token}", i, count) for i in range(1, count + 1)]
+    return names
+
+
+def _cleanup(directory: str, prefix: str, keep: List[str]) -> None:
+    """Deletes shards (and this layer's temporary files) of older or interrupted saves
+    that the checkpoint now in place does not name. Never raises."""
+    keep_names = {os.path.basename(p) for p in keep}
+    shard = _shard_pattern(prefix)
+    # the C writer's ".{name}.{16 hex}.tmp", and ".{name}.{token}.partial" (with its own
+    # temporary "..{name}.{token}.partial.{16 hex}.tmp") of a save that was killed
+    partial = re.compile(r"\.\.?" + re.escape(prefix) + r"(?:-[^/]*\.safetensors|\.safetensors|"
+                         + re.escape(INDEX_SUFFIX) + r")(?:\.[0-9a-f]{8}\.partial(?:\.[0-9a-f]{16}\.tmp)?"
+                         r"|\.[0-9a-f]{16}\.tmp)")
+    try:
+        entries = os.listdir(directory)
+    except OSError as e:
+        warnings.warn(f"torch_safetensors: cannot list {directory} to remove old shards ({e})",
+                      RuntimeWarning, stacklevel=3)
+        return
+    for entry in entries:
+        if entry not in keep_names and (shard.fullmatch(entry) or partial.fullmatch(entry)):
+            _discard(os.path.join(directory, entry))
+
+
 def _save_sharded(
     state_dict: Mapping[str, torch.Tensor],
     directory: FILE_PATH,
@@ -223,56 +315,76 @@ def _save_sharded(
     metadata: Optional[Dict[str, str]] = None,
     progress: Optional[Progress] = None,
 ) -> List[str]:
-    """save_sharded, with a progress callback; returns the paths written (index last)."""
+    """save_sharded, with a progress callback; returns the paths written (index last).
+
+    At every instant the directory holds a complete checkpoint: new shards get names
+    that no current file has, and the file that makes the new set the one loaded (the
+    index, or a single file) is renamed into place last; only then are the old index,
+    single file and shards removed.
+    """
     limit = parse_size(max_shard_size)
     _check_prefix(prefix)
     meta = _check_metadata(metadata)
     shards, total = _plan(state_dict, limit)  # every refusal happens before a file changes
     path = _prepare_directory(directory)
+    token = uuid.uuid4().hex[:8]
+    index_name = prefix + INDEX_SUFFIX
+    single_name = prefix + ".safetensors"
 
-    index_path = os.path.join(path, prefix + INDEX_SUFFIX)
-    single_path = os.path.join(path, prefix + ".safetensors")
-    # An old index would describe a half-replaced set as complete: it goes first, and
-    # transformers prefers a single file over an index, so an old one must not shadow
-    # a new sharded set either.
-    _remove(index_path)
-    if len(shards) > 1:
-        _remove(single_path)
-    _fsync_dir(path)  # the removals reach the disk before any new shard does
+    def saver(tensors: Dict[str, torch.Tensor]) -> Callable[[str], None]:
+        return lambda tmp: _torch.save_safetensors(tensors, tmp, meta, durable=True)
+
     written: List[str] = []
     done = 0
-    if len(shards) == 1:
-        _torch.save_safetensors(shards[0], single_path, meta, durable=True)
-        written.append(single_path)
-        done = total
-        if progress is not None:
-            progress(done, total)
-    else:
-        weight_map: Dict[str, str] = {}
-        count = len(shards)
-        for i, shard in enumerate(shards, 1):
-            name = shard_name(prefix, i, count)
-            _torch.save_safetensors(shard, os.path.join(path, name), meta, durable=True)
-            written.append(os.path.join(path, name))
-            stored = set()
-            for key, t in shard.items():
-                vk = _checkpoint.view_key(t)
-                if vk is None or vk not in stored:
-                    weight_map[key] = name
-                    done += _nbytes(t)
-                if vk is not None:
-                    stored.add(vk)
+    with _locked(path):
+        if len(shards) == 1:
+            # the single file is what loaders look for first: it replaces the old
+            # checkpoint in one rename, whatever the old one was
+            written.append(_replace_with(path, single_name, token, saver(shards[0])))
+            done = total
             if progress is not None:
                 progress(done, total)
-        _write_index(index_path, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        written.append(index_path)
-    # shards of an older save with another count are no longer named by any index
-    keep = {os.path.basename(p) for p in written}
-    pattern = _shard_pattern(prefix)
-    for entry in os.listdir(path):
-        if entry not in keep and pattern.fullmatch(entry):
-            _remove(os.path.join(path, entry))
-    _fsync_dir(path)
+            _fsync_dir(path)
+            _discard(os.path.join(path, index_name))
+        else:
+            weight_map: Dict[str, str] = {}
+            names = _shard_names(path, prefix, len(shards), token)
+            try:
+                for name, shard in zip(names, shards):
+                    # the name is free (checked): the C writer's rename cannot replace a
+                    # file of the current checkpoint
+                    written.append(os.path.join(path, name))
+                    saver(shard)(written[-1])
+                    stored = set()
+                    for key, t in shard.items():
+                        vk = _checkpoint.view_key(t)
+                        if vk is None or vk not in stored:
+                            weight_map[key] = name
+                            done += _nbytes(t)
+                        if vk is not None:
+                            stored.add(vk)
+                    if progress is not None:
+                        progress(done, total)
+                _fsync_dir(path)  # every shard is on disk before the index names them
+                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+                written.append(_replace_with(path, index_name, token, lambda tmp: _write_index(tmp, index)))
+            except BaseException:
+                # nothing names this save's shards: they go, the old checkpoint stays
+                for shard_path in written:
+                    try:
+                        _remove(shard_path)
+                    except OSError:
+                        pass
+                raise
+            _fsync_dir(path)
+            # an old single file would shadow the new index (loaders look for it first)
+            _discard(os.path.join(path, single_name))
+        _cleanup(path, prefix, written)
+        try:
+            _fsync_dir(path)
+        except OSError as e:
+            warnings.warn(f"torch_safetensors: cannot flush {path} after removing old shards ({e})",
+                          RuntimeWarning, stacklevel=2)
     return written
 
 
@@ -294,10 +406,12 @@ def save_sharded(
     ``{prefix}.safetensors`` is written and no index, as transformers does. Every file
     carries ``{"format": "pt"}`` metadata.
 
-    The set is written atomically: the previous index goes first, each shard is
-    written to a temporary file and renamed (and flushed to disk), the index comes
-    last, and only then are shards of an older save with another shard count deleted.
-    An interrupted save leaves no index, so it never looks complete.
+    A re-save never destroys the previous checkpoint: new shards get names no file has
+    (standard names when free, else names unique to this save), every file is flushed,
+    the index (or single file) is renamed into place last, and only then are the old
+    index and shards deleted (a failure to delete one is a warning). An interrupted
+    save leaves the previous checkpoint loadable. A symlink planted at a shard's or the
+    index's name is replaced, never written through.
 
     Tied tensors (the same view of the same memory, such as tied embeddings) are stored
     once, in the shard of their first name. ``weight_map`` lists only stored names, as
@@ -321,7 +435,7 @@ def save_sharded(
             the wrong type; the directory is untouched.
         ValueError: max_shard_size or prefix is invalid.
         NotADirectoryError: ``directory`` is an existing file.
-        OSError: a file cannot be written; no index names a half-written set.
+        OSError: a file cannot be written; the previous checkpoint still loads.
 
     Example:
         >>> import torch, torch_safetensors
@@ -332,74 +446,12 @@ def save_sharded(
     _save_sharded(state_dict, directory, max_shard_size=max_shard_size, prefix=prefix, metadata=metadata)
 
 
-# ---- finding and checking a checkpoint ----
+# ---- finding and checking a checkpoint (the source module decides; kept here by name) ----
 
-
-def _named(path: str, err: SafetensorError) -> SafetensorError:
-    """The same error with the file's path in front (keeping code, tensor, position)."""
-    new = _core.error(f"{path}: {err}", getattr(err, "code", "error"), getattr(err, "tensor", None))
-    new.position = getattr(err, "position", None)
-    return new
-
-
-def is_index_head(head: bytes) -> bool:
-    """Whether the first bytes of a file that is not safetensors look like a JSON index."""
-    return head.lstrip(b" \t\r\n\xef\xbb\xbf")[:1] == b"{"
-
-
-def find_checkpoint(path: FILE_PATH) -> Tuple[str, str]:
-    """Resolves a directory or file to ``("index", path)`` or ``("file", path)``.
-
-    In a directory, as transformers looks: ``model.safetensors``, then
-    ``model.safetensors.index.json``, then the only ``*.safetensors.index.json``, then
-    the only ``*.safetensors`` file that is not a shard (``*-00001-of-00002.safetensors``;
-    shards without an index are an interrupted save and are never loaded).
-
-    Raises:
-        FileNotFoundError: nothing to load there.
-        ValueError: several candidates and none of them is ``model``'s.
-    """
-    p = os.fspath(path)
-    if isinstance(p, bytes):
-        p = os.fsdecode(p)
-    if not os.path.isdir(p):
-        if not os.path.exists(p):
-            raise FileNotFoundError(errno.ENOENT, "no such file or directory", p)
-        with open(p, "rb") as f:
-            head = f.read(4096)
-            size = os.fstat(f.fileno()).st_size
-        is_index = not _C.sniff(head, size) and (p.endswith(INDEX_SUFFIX) or is_index_head(head))
-        return ("index" if is_index else "file"), p
-    for kind, name in (("file", DEFAULT_PREFIX + ".safetensors"), ("index", DEFAULT_PREFIX + INDEX_SUFFIX)):
-        if os.path.isfile(os.path.join(p, name)):
-            return kind, os.path.join(p, name)
-    entries = sorted(os.listdir(p))
-    indexes = [e for e in entries if e.endswith(INDEX_SUFFIX) and not e.startswith(".")]
-    singles = [e for e in entries if e.endswith(".safetensors") and not e.startswith(".")]
-    shards = [e for e in singles if _ANY_SHARD.fullmatch(e)]
-    singles = [e for e in singles if not _ANY_SHARD.fullmatch(e)]
-    if not indexes and not singles and shards:
-        # shards are only complete with their index: an interrupted save, or a lost index
-        raise FileNotFoundError(
-            errno.ENOENT,
-            f"shard files ({shards[0]}, ...) but no *{INDEX_SUFFIX}: an interrupted save, "
-            "or the index is missing",
-            p,
-        )
-    for kind, found in (("index", indexes), ("file", singles)):
-        if len(found) == 1:
-            return kind, os.path.join(p, found[0])
-        if len(found) > 1:
-            raise ValueError(
-                f"{p}: several checkpoints ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}); "
-                "pass the one to load"
-            )
-    raise FileNotFoundError(
-        errno.ENOENT,
-        f"no safetensors checkpoint in this directory (looked for {DEFAULT_PREFIX}.safetensors, "
-        f"*{INDEX_SUFFIX} and *.safetensors)",
-        p,
-    )
+_named = _source.named
+is_index_head = _source.is_index_head
+find_checkpoint = _source.find_checkpoint
+_open_reader = _source.open_reader
 
 
 def read_index(path: str) -> Dict[str, str]:
@@ -412,10 +464,7 @@ def read_index(path: str) -> Dict[str, str]:
     def bad(msg: str) -> SafetensorError:
         return _core.error(f"{path}: not a valid sharded checkpoint index: {msg}", "invalid_index")
 
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size > MAX_INDEX_BYTES:
-            raise bad(f"larger than {MAX_INDEX_BYTES} bytes")
-        raw = f.read(MAX_INDEX_BYTES + 1)
+    raw = _source.read_json_bytes(path, what="sharded checkpoint index", limit=MAX_INDEX_BYTES)
 
     def pairs(items: List[Tuple[str, Any]]) -> Dict[str, Any]:
         out: Dict[str, Any] = {}
@@ -450,23 +499,38 @@ def read_index(path: str) -> Dict[str, str]:
     return weight_map
 
 
-def _open_reader(path: str, mmap: Optional[bool], missing: Optional[str] = None) -> "_C.Reader":
-    """A validated reader over path; errors name the file."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        if missing is None:
-            raise
-        raise FileNotFoundError(errno.ENOENT, missing, path) from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _core.error(f"{path}: not a regular file", "not_regular_file")
-        try:
-            return _C.Reader(fd=fd, mmap=mmap is not False)
-        except SafetensorError as e:
-            raise _named(path, e) from None
-    finally:
-        os.close(fd)
+def _shards_of(index_path: str) -> List[Tuple[str, str, List[str]]]:
+    """(file, path, names) per shard of an index, in file-name order."""
+    weight_map = read_index(index_path)
+    directory = os.path.dirname(index_path)
+    by_file: Dict[str, List[str]] = {}
+    for name, file in weight_map.items():
+        by_file.setdefault(file, []).append(name)
+    return [(file, os.path.join(directory, file), by_file[file]) for file in sorted(by_file)]
+
+
+def _check_names(index_path: str, file: str, shard: str, held: "set[str]", listed: List[str]) -> None:
+    """A shard must hold exactly the names the index lists for it."""
+    for name in listed:
+        if name not in held:
+            raise _core.error(
+                f"{index_path}: weight_map lists tensor {name!r} in {file!r}, "
+                f"but {shard} does not hold it",
+                "index_mismatch",
+                name,
+            )
+    if len(held) != len(listed):
+        extra = sorted(held - set(listed))
+        raise _core.error(
+            f"{shard}: holds tensor {extra[0]!r}, which {index_path} does not list "
+            f"for {file!r} ({len(extra)} such tensors)",
+            "index_mismatch",
+            extra[0],
+        )
+
+
+def _missing(file: str, index_path: str) -> str:
+    return f"shard {file!r} listed in {index_path} is missing"
 
 
 def iter_shards(index_path: str, *, mmap: Optional[bool] = None) -> Iterator[Tuple[str, "_C.Reader"]]:
@@ -477,37 +541,13 @@ def iter_shards(index_path: str, *, mmap: Optional[bool] = None) -> Iterator[Tup
 
     Raises:
         FileNotFoundError: a shard is missing (named, with the index).
-        SafetensorError: the index is invalid, a shard is malformed, or a shard and the
-            index disagree (naming both).
+        SafetensorError: the index is invalid, a shard is malformed or a special file,
+            or a shard and the index disagree (naming both).
     """
-    weight_map = read_index(index_path)
-    directory = os.path.dirname(index_path)
-    by_file: Dict[str, List[str]] = {}
-    for name, file in weight_map.items():
-        by_file.setdefault(file, []).append(name)
-    for file in sorted(by_file):
-        shard = os.path.join(directory, file)
-        reader = _open_reader(
-            shard, mmap, missing=f"shard {file!r} listed in {index_path} is missing"
-        )
+    for file, shard, listed in _shards_of(index_path):
+        reader = _open_reader(shard, mmap, missing=_missing(file, index_path))
         try:
-            held = set(reader.keys())
-            for name in by_file[file]:
-                if name not in held:
-                    raise _core.error(
-                        f"{index_path}: weight_map lists tensor {name!r} in {file!r}, "
-                        f"but {shard} does not hold it",
-                        "index_mismatch",
-                        name,
-                    )
-            if len(held) != len(by_file[file]):
-                extra = sorted(held - set(by_file[file]))
-                raise _core.error(
-                    f"{shard}: holds tensor {extra[0]!r}, which {index_path} does not list "
-                    f"for {file!r} ({len(extra)} such tensors)",
-                    "index_mismatch",
-                    extra[0],
-                )
+            _check_names(index_path, file, shard, set(reader.keys()), listed)
         except BaseException:
             reader.close()
             raise
@@ -525,52 +565,132 @@ def _load_file(path: str, map_location: Any, mmap: Optional[bool]) -> Any:
         raise _named(path, e) from None
 
 
+def _load_legacy(path: str, map_location: Any, mmap: Optional[bool], weights_only: bool) -> Any:
+    """A legacy (pickle) file through the same path torch.load takes for one: torch's
+    weights_only loader (unless weights_only=False was passed explicitly)."""
+    kwargs: Dict[str, Any] = {"map_location": map_location, "weights_only": weights_only}
+    if mmap is not None:
+        kwargs["mmap"] = mmap
+    return _torch.load(path, **kwargs)
+
+
+def _flat_part(shard: str, part: Any) -> Dict[str, torch.Tensor]:
+    if not isinstance(part, dict):
+        raise _core.error(f"{shard}: holds a {type(part).__name__} checkpoint, not a dict of tensors",
+                          "invalid_shard")
+    for name, t in part.items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise _core.error(f"{shard}: {name!r} is not a tensor of a flat state dict", "invalid_shard")
+    return part
+
+
+def _load_shard(index_path: str, file: str, shard: str, listed: List[str], map_location: Any,
+                mmap: Optional[bool], weights_only: bool) -> Dict[str, torch.Tensor]:
+    """One shard of an index: safetensors through our reader (a ``*.safetensors`` name
+    always), anything else (Hugging Face's ``pytorch_model-00001-of-00002.bin``)
+    through the legacy path."""
+    kind = "safetensors" if file.endswith(".safetensors") else _source.sniff_path(shard) \
+        if os.path.lexists(shard) else "missing"
+    if kind == "missing":
+        raise FileNotFoundError(errno.ENOENT, _missing(file, index_path), shard)
+    if kind == "safetensors":
+        reader = _open_reader(shard, mmap, missing=_missing(file, index_path))
+        try:
+            _check_names(index_path, file, shard, set(reader.keys()), listed)
+            part = _torch._finish(reader, map_location)
+        except SafetensorError as e:
+            raise (e if str(e).startswith((shard, index_path)) else _named(shard, e)) from None
+        finally:
+            reader.close()
+        return _flat_part(shard, part)
+    if kind == "index":
+        raise _core.error(f"{index_path}: shard {file!r} is itself an index, not a checkpoint file",
+                          "invalid_shard")
+    part = _flat_part(shard, _load_legacy(shard, map_location, mmap, weights_only))
+    _check_names(index_path, file, shard, set(part), listed)
+    return part
+
+
 def load_sharded(
     path: FILE_PATH,
     *,
     map_location: MAP_LOCATION = None,
     mmap: Optional[bool] = None,
+    weights_only: bool = True,
 ) -> Dict[str, torch.Tensor]:
     """Loads a sharded checkpoint (or a checkpoint directory) as one dict, lazily.
 
-    Every shard is mapped zero-copy; nothing is read until a tensor is touched. Tied
-    names stored once by :func:`save_sharded` come back sharing one storage.
-    ``torch.load`` calls this for an index file or a directory.
+    Every safetensors shard is mapped zero-copy; nothing is read until a tensor is
+    touched. Tied names stored once by :func:`save_sharded` come back sharing one
+    storage. Hugging Face's legacy layout (``pytorch_model-00001-of-00002.bin`` shards
+    and ``pytorch_model.bin.index.json``, or one ``pytorch_model.bin``) loads too, each
+    shard through torch's ``weights_only`` loader; a directory holding both kinds loads
+    the safetensors one, as transformers does. ``torch.load`` calls this for an index
+    file or a directory.
 
     Args:
-        path: a ``*.safetensors.index.json`` file, or a directory holding
-            ``model.safetensors`` or an index (as transformers looks for them).
+        path: a ``*.safetensors.index.json`` or ``*.bin.index.json`` file, or a
+            directory holding ``model.safetensors``, an index or ``pytorch_model.bin``
+            (as transformers looks for them).
         map_location: as for ``torch.load`` (str, ``torch.device``, dict or callable).
         mmap: ``False`` reads the data into memory instead of mapping it.
+        weights_only: for legacy (pickle) shards only: ``False`` lets torch's full
+            unpickler run, which can run code from the file; only for trusted files.
 
     Returns:
         Names to tensors: shard by shard, each in its file's order.
 
     Raises:
         FileNotFoundError: the path, or a shard the index lists, is missing (named).
-        SafetensorError: the index is invalid, a shard is malformed or disagrees with
-            the index, or two shards hold the same name (naming the files).
+        SafetensorError: the index is invalid, a shard is malformed, a special file or
+            disagrees with the index, or two shards hold the same name (naming the files).
         ValueError: a directory holds several checkpoints.
+        pickle.UnpicklingError: torch's weights_only loader refused a legacy shard.
 
     Example:
         >>> sd = load_sharded("ckpt/model.safetensors.index.json", map_location="meta")
     """
-    kind, resolved = find_checkpoint(path)
+    for attempt in range(_ATTEMPTS):
+        before = _snapshot(path)
+        try:
+            return _load_once(path, map_location, mmap, weights_only)
+        except (FileNotFoundError, SafetensorError) as e:
+            # a save replaced the checkpoint between reading its index and opening a
+            # shard (the old shard is gone): the new one is complete, load it instead
+            racing = isinstance(e, FileNotFoundError) or getattr(e, "code", None) == "index_mismatch"
+            if not racing or attempt == _ATTEMPTS - 1 or _snapshot(path) == before:
+                raise
+    raise AssertionError("unreachable")
+
+
+_ATTEMPTS = 3
+
+
+def _snapshot(path: FILE_PATH) -> Any:
+    """What changes when a save replaces the checkpoint at path: the directory's
+    entries, or the index file itself."""
+    p = _source.fspath(path)
+    out = []
+    for q in (p, os.path.dirname(p) or "."):
+        try:
+            st = os.stat(q)
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except OSError:
+            out.append(None)
+    return out
+
+
+def _load_once(path: FILE_PATH, map_location: Any, mmap: Optional[bool], weights_only: bool) -> Dict[str, torch.Tensor]:
+    kind, resolved = find_checkpoint(path, legacy=True)
     if kind == "file":
         return _load_file(resolved, map_location, mmap)
+    if kind == "legacy_file":
+        return _load_legacy(resolved, map_location, mmap, weights_only)
     out: Dict[str, torch.Tensor] = {}
     origin: Dict[str, str] = {}
-    for shard, reader in iter_shards(resolved, mmap=mmap):
-        try:
-            part = _torch._finish(reader, map_location)
-        except SafetensorError as e:
-            raise _named(shard, e) from None
-        if not isinstance(part, dict):
-            raise _core.error(f"{shard}: holds a {type(part).__name__} checkpoint, not a dict of tensors",
-                              "invalid_shard")
+    for file, shard, listed in _shards_of(resolved):
+        part = _load_shard(resolved, file, shard, listed, map_location, mmap, weights_only)
         for name, t in part.items():
-            if not isinstance(name, str) or not isinstance(t, torch.Tensor):
-                raise _core.error(f"{shard}: {name!r} is not a tensor of a flat state dict", "invalid_shard")
             if name in out:
                 raise _core.error(f"tensor {name!r} is in both {origin[name]} and {shard}",
                                   "duplicate_tensor", name)

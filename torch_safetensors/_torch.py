@@ -14,12 +14,14 @@ import inspect
 import io
 import os
 import pickle
+import stat
+import warnings
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 import torch.serialization as _ser
 
-from . import _C, _checkpoint, _core
+from . import _C, _checkpoint, _core, _default, _source, _stream
 from . import _legacy as _legacy_reader
 from ._core import SafetensorError
 
@@ -53,6 +55,23 @@ def _has_safetensors_suffix(f: Any) -> bool:
     return path.lower().endswith(".safetensors")
 
 
+def base_metadata(metadata: Optional[Dict[str, str]]) -> Dict[str, str]:
+    """The header metadata every save writes: ``{"format": "pt"}`` plus the caller's.
+
+    Raises:
+        TypeError: metadata is not a dict.
+        ValueError: metadata uses the reserved structure key.
+    """
+    base: Dict[str, str] = {"format": "pt"}
+    if metadata is not None:
+        if not isinstance(metadata, dict):
+            raise TypeError(f"metadata must be a dict of str to str, not {type(metadata).__name__}")
+        if _checkpoint.STRUCTURE_KEY in metadata:
+            raise ValueError(f"metadata key {_checkpoint.STRUCTURE_KEY!r} is reserved")
+        base.update(metadata)
+    return base
+
+
 def save_safetensors(
     obj: Any,
     f: Any,
@@ -60,6 +79,7 @@ def save_safetensors(
     *,
     durable: bool = False,
     parts: Optional[Tuple[Dict[str, torch.Tensor], Dict[str, str], bool]] = None,
+    checksums: bool = False,
 ) -> None:
     """Writes obj as a safetensors file to a path (atomically) or a writable binary file.
 
@@ -70,6 +90,8 @@ def save_safetensors(
         metadata: extra ``str`` -> ``str`` metadata; ``{"format": "pt"}`` is always added.
         durable: flush the data and the directory entry to stable storage.
         parts: ``_checkpoint.split(obj)``, when the caller already has it.
+        checksums: record each tensor's CRC32C in the header metadata, for
+            ``torch-safetensors verify --data`` (other readers ignore it).
 
     Raises:
         TypeError: obj holds something that is not a tensor (named by its key), or f
@@ -77,13 +99,7 @@ def save_safetensors(
         OSError: the file cannot be written; a previous file is left untouched.
     """
     tensors, header_meta, plain = parts if parts is not None else _checkpoint.split(obj)
-    base: Dict[str, str] = {"format": "pt"}
-    if metadata is not None:
-        if not isinstance(metadata, dict):
-            raise TypeError(f"metadata must be a dict of str to str, not {type(metadata).__name__}")
-        if _checkpoint.STRUCTURE_KEY in metadata:
-            raise ValueError(f"metadata key {_checkpoint.STRUCTURE_KEY!r} is reserved")
-        base.update(metadata)
+    base = base_metadata(metadata)
     if _is_path(f):
         path: Optional[str] = os.fspath(f)
     else:
@@ -94,23 +110,26 @@ def save_safetensors(
     def write(tensors: Dict[str, torch.Tensor], extra: Dict[str, str], check_shared: bool) -> Any:
         meta = dict(base)
         meta.update(extra)
+        if checksums:
+            from . import _checksums
+
+            meta.update(_checksums.metadata_for(tensors))
         if path is not None:
             return _C.save(tensors, meta, path, durable=durable, check_shared=check_shared)
-        # serialize first: a refused object writes nothing to the caller's file
-        return _C.save(tensors, meta, check_shared=check_shared)
+        # planned (and refused) before the first byte, then streamed from tensor memory
+        return _stream.save(f, tensors, meta, check_shared=check_shared)
 
     try:
-        data = write(tensors, header_meta, plain)
+        write(tensors, header_meta, plain)
     except _C.SharedMemoryError:
         # tensors of the plain dict overlap: store ties once, other views as values
         tensors, header_meta = _checkpoint.flatten(obj)
-        data = write(tensors, header_meta, False)
+        write(tensors, header_meta, False)
     except TypeError:
         if plain:
             _checkpoint.explain(obj)
         raise
     if path is None:
-        f.write(data)
         if durable and hasattr(f, "flush") and hasattr(f, "fileno"):
             f.flush()
             os.fsync(f.fileno())
@@ -169,22 +188,24 @@ def _read_tensors(reader: "_C.Reader", map_location: Any) -> Dict[str, torch.Ten
     return _core.move(_core.build(reader, None, where), dev)
 
 
-def _finish(reader: "_C.Reader", map_location: Any) -> Any:
+def _finish(reader: "_C.Reader", map_location: Any, trusted: bool = False) -> Any:
+    """trusted: the caller passed weights_only=False, so the classes a checkpoint names
+    are rebuilt without the allowlist."""
     try:
         tensors = _read_tensors(reader, map_location)
-        return _checkpoint.unflatten(tensors, reader.metadata())
+        return _checkpoint.unflatten(tensors, reader.metadata(), trusted=trusted)
     finally:
         reader.close()
 
 
 def _open_path(f: Any) -> Tuple[int, bool]:
-    """Opens a path once and says whether its bytes are safetensors."""
-    fd = os.open(os.fspath(f), os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        st = os.fstat(fd)
-        import stat as _stat
+    """Opens a path once and says whether its bytes are safetensors.
 
-        if not _stat.S_ISREG(st.st_mode):
+    A FIFO or a socket is refused at once (torch cannot load one either: it would wait
+    for a writer, then fail to seek); a device is left to torch, as before."""
+    fd, st = _source.open_path(f)
+    try:
+        if not stat.S_ISREG(st.st_mode):
             return fd, False
         head = os.pread(fd, _SNIFF_BYTES, 0)
         return fd, _C.sniff(head, st.st_size)
@@ -195,40 +216,85 @@ def _open_path(f: Any) -> Tuple[int, bool]:
 
 def _fileobj_source(f: Any) -> Optional[Tuple[int, int, Any]]:
     """For a seekable binary file object holding safetensors at its position:
-    (position, size, fd or None). None when it is not safetensors."""
+    (position, size, fd or None). None when it is not safetensors.
+
+    Positions come from ``tell()``: some wrappers' ``seek()`` returns None."""
     try:
         if not f.seekable():
             return None
     except (AttributeError, ValueError, OSError):
         return None
     pos = f.tell()
+    if not isinstance(pos, int) or isinstance(pos, bool):
+        return None  # a tell() that returns no position: leave the object to torch
     head = f.read(_SNIFF_BYTES)
-    end = f.seek(0, io.SEEK_END)
+    f.seek(0, io.SEEK_END)
+    end = f.tell()
     f.seek(pos)
-    if not isinstance(head, (bytes, bytearray)) or not _C.sniff(bytes(head), end - pos):
+    if not isinstance(end, int) or end < pos:
+        return None
+    if not isinstance(head, (bytes, bytearray)) or not _C.sniff(bytes(head[:_SNIFF_BYTES]), end - pos):
         return None
     fd = None
     try:
         fd = f.fileno()
-    except (AttributeError, OSError, io.UnsupportedOperation):
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
         fd = None
+    if not isinstance(fd, int) or isinstance(fd, bool):
+        fd = None
+    else:
+        # a wrapper (decrypting, decompressing) may expose its underlying file's
+        # descriptor: read through the descriptor only if it holds the same bytes
+        try:
+            if os.pread(fd, len(head), pos) != bytes(head):
+                fd = None
+        except OSError:
+            fd = None
     return pos, end - pos, fd
 
 
-def load_safetensors_fileobj(f: Any, map_location: Any, mmap: Optional[bool], src: Tuple[int, int, Any]) -> Any:
-    pos, size, fd = src
-    if fd is not None and pos == 0 and os.fstat(fd).st_size == size:
-        reader = _C.Reader(fd=fd, mmap=mmap is not False)
-    elif isinstance(f, io.BytesIO):
-        view = f.getbuffer()
-        try:
-            reader = _C.Reader(data=bytes(view[pos : pos + size]))
-        finally:
-            view.release()
+def load_safetensors_fileobj(f: Any, map_location: Any, mmap: Optional[bool],
+                             src: Optional[Tuple[int, int, Any]], trusted: bool = False) -> Any:
+    """Loads safetensors from a file object at its position.
+
+    A file with a descriptor, holding exactly the file, is mapped like a path. Any other
+    stream (seekable with its size in src, or non-seekable with src None) is read once:
+    the header, then each tensor's own storage filled with readinto.
+    """
+    if src is not None:
+        pos, size, fd = src
+        if fd is not None and pos == 0 and os.fstat(fd).st_size == size:
+            reader = _C.Reader(fd=fd, mmap=mmap is not False)
+            f.seek(pos + size)
+            return _finish(reader, map_location, trusted)
+        size_arg: Optional[int] = size
     else:
-        reader = _C.Reader(data=f.read(size))
-    f.seek(pos + size)
-    return _finish(reader, map_location)
+        size_arg = None
+    device, fn = _location_target(map_location)
+    if fn is not None:
+        tensors, metadata = _stream.load(f, size=size_arg)
+        tensors = _apply_callable(fn, tensors)
+    else:
+        where, dev = _core.resolve_device(device)
+        tensors, metadata = _stream.load(f, size=size_arg, device=where)
+        tensors = _core.move(tensors, dev)
+    return _checkpoint.unflatten(tensors, metadata, trusted=trusted)
+
+
+def _load_nonseekable(f: Any, map_location: Any, format: Optional[str], trusted: bool = False) -> Any:
+    """A stream that cannot seek: torch's own formats need seeking, so it must be safetensors."""
+    try:
+        return load_safetensors_fileobj(f, map_location, None, None, trusted)
+    except SafetensorError as e:
+        if format == "safetensors":
+            raise
+        err = _core.error(
+            f"{e} (a stream that cannot seek can only hold safetensors here: torch's own "
+            "formats need a seekable file; read it into io.BytesIO first)",
+            e.code,
+            e.tensor,
+        )
+        raise err from None
 
 
 def _weights_only_hint(err: BaseException) -> str:
@@ -241,7 +307,20 @@ def _weights_only_hint(err: BaseException) -> str:
         "  (2) or, if you trust the file, allowlist the classes it needs with "
         "torch.serialization.add_safe_globals([...]) (see the message above for their names);\n"
         "  (3) or pass weights_only=False explicitly, only for a file from a trusted source."
+        + _FORCE_NO_WEIGHTS_ONLY_NOTE * _force_no_weights_only_set()
     )
+
+
+_FORCE_NO_WEIGHTS_ONLY_NOTE = (
+    "\nTORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set in this environment: torch_safetensors "
+    "deliberately does not honour it, because a variable set once for one trusted file would "
+    "let every later file run code. Pass weights_only=False in the call instead."
+)
+
+
+def _force_no_weights_only_set() -> bool:
+    """Whether torch's TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set (we never honour it)."""
+    return os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in ("1", "y", "yes", "true")
 
 
 # ---- the wrappers ----
@@ -253,21 +332,22 @@ def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any
     a = bound.arguments
     map_location = a.get("map_location")
     mmap = a.get("mmap")
+    trusted = a.get("weights_only") is False  # the caller trusts the file, as with pickle
 
     if format != "pickle":
         if _is_path(f):
             if os.path.isdir(f):
-                return _load_sharded(f, map_location, mmap)
+                return _load_sharded(f, map_location, mmap, a.get("weights_only"))
             fd, is_st = _open_path(f)
             try:
                 if is_st:
                     reader = _C.Reader(fd=fd, mmap=mmap is not False)
-                    return _finish(reader, map_location)
+                    return _finish(reader, map_location, trusted)
                 if _is_sharded_index(f, fd):
-                    return _load_sharded(f, map_location, mmap)
+                    return _load_sharded(f, map_location, mmap, a.get("weights_only"))
                 if format == "safetensors":
                     # the strict reader says which rule the file breaks
-                    return _finish(_C.Reader(fd=fd, mmap=mmap is not False), map_location)
+                    return _finish(_C.Reader(fd=fd, mmap=mmap is not False), map_location, trusted)
                 # torch would hand any "*.safetensors" path to another reader by its
                 # name: give torch the same open file under a neutral name instead
                 target = f"/proc/self/fd/{fd}" if _has_safetensors_suffix(f) else f
@@ -286,12 +366,12 @@ def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any
         elif hasattr(f, "read"):
             src = _fileobj_source(f)
             if src is not None:
-                return load_safetensors_fileobj(f, map_location, mmap, src)
+                return load_safetensors_fileobj(f, map_location, mmap, src, trusted)
             pos = _tell(f)
+            if pos is None:
+                return _load_nonseekable(f, map_location, format, trusted)
             if format == "safetensors":
-                if pos is None:
-                    raise _core.error("the file object does not hold a safetensors file", "not_safetensors")
-                return _finish(_C.Reader(data=f.read()), map_location)
+                return _finish(_C.Reader(data=f.read()), map_location, trusted)
             try:
                 return _legacy(f, bound)
             except Exception as e:
@@ -353,18 +433,18 @@ def _neither(head: bytes, err: BaseException) -> bool:
 
 
 def _is_sharded_index(f: Any, fd: int) -> bool:
-    """Whether a file that is not safetensors is an index: by name, or JSON by content
-    (a pickle never starts with '{')."""
-    from . import _sharded
+    """Whether a file that is not safetensors is an index (safetensors or legacy ``.bin``
+    shards): by name, or JSON by content (a pickle never starts with '{')."""
+    name = _source.fspath(f)
+    return (name.endswith(_source.INDEX_SUFFIX) or name.endswith(_source.LEGACY_INDEX_SUFFIX)
+            or _source.is_index_head(os.pread(fd, 64, 0)))
 
-    name = os.fsdecode(os.fspath(f))
-    return name.endswith(_sharded.INDEX_SUFFIX) or _sharded.is_index_head(os.pread(fd, 64, 0))
 
-
-def _load_sharded(f: Any, map_location: Any, mmap: Optional[bool]) -> Any:
+def _load_sharded(f: Any, map_location: Any, mmap: Optional[bool], weights_only: Optional[bool] = None) -> Any:
     from . import _sharded  # imported here: _sharded builds on this module
 
-    return _sharded.load_sharded(f, map_location=map_location, mmap=mmap)
+    return _sharded.load_sharded(f, map_location=map_location, mmap=mmap,
+                                 weights_only=weights_only is not False)
 
 
 # ---- the legacy path ----
@@ -399,17 +479,57 @@ def save(
     format: Optional[str] = None,
     metadata: Optional[Dict[str, str]] = None,
     durable: bool = False,
+    checksums: bool = False,
     **kwargs: Any,
 ) -> None:
     _check_format(format)
     if format == "safetensors" or (format is None and _has_safetensors_suffix(f)):
         _SAVE_SIG.bind(obj, f, *args, **kwargs)  # torch's own arguments still checked
-        save_safetensors(obj, f, metadata, durable=durable)
+        save_safetensors(obj, f, metadata, durable=durable, checksums=checksums)
         return
-    if metadata is not None or durable:
-        raise ValueError("metadata and durable apply only with format='safetensors'")
+    if format is None and _default.get_default_format() == "safetensors":
+        _SAVE_SIG.bind(obj, f, *args, **kwargs)
+        if _save_by_default(obj, f, metadata, durable, checksums):
+            return
+        metadata, durable, checksums = None, False, False  # the fallback: torch's own format below
+    if metadata is not None or durable or checksums:
+        raise ValueError("metadata, durable and checksums apply only with format='safetensors'")
     assert _orig_save is not None
     _orig_save(obj, f, *args, **kwargs)
+
+
+def _target_name(f: Any) -> str:
+    if _is_path(f):
+        return repr(os.fsdecode(os.fspath(f)))
+    name = getattr(f, "name", None)
+    return repr(name) if isinstance(name, (str, bytes)) else f"a {type(f).__name__}"
+
+
+def _save_by_default(
+    obj: Any, f: Any, metadata: Optional[Dict[str, str]], durable: bool, checksums: bool
+) -> bool:
+    """Saves as safetensors because that is the default format. False when the object
+    cannot be stored and the fallback to pickle is on (nothing was written: paths are
+    written atomically and file objects only after the whole file is built)."""
+    try:
+        save_safetensors(obj, f, metadata, durable=durable, checksums=checksums)
+        return True
+    except TypeError as e:
+        if not (_is_path(f) or hasattr(f, "write")):
+            raise
+        if _default.fallback() != "pickle":
+            raise TypeError(
+                f"{e}\n(torch.save to {_target_name(f)} writes safetensors because the default format is "
+                f"safetensors ({_default.ENV_FORMAT} or set_default_format); pass "
+                f"format='pickle' to this call, or set {_default.ENV_FALLBACK}=pickle to "
+                "write pickle whenever an object cannot be stored)"
+            ) from None
+        warnings.warn(
+            f"torch.save to {_target_name(f)} wrote pickle, not safetensors: {e}",
+            _default.PickleFallbackWarning,
+            stacklevel=4,
+        )
+        return False
 
 
 # ---- signatures and docs ----
@@ -419,12 +539,16 @@ _SAVE_DOC = """
 torch_safetensors adds:
     format (str, optional, keyword-only): ``"safetensors"`` writes a standard
         safetensors file (atomically, for paths); ``"pickle"`` forces torch's own
-        format; ``None`` (default) keeps torch's format, except for paths ending in
-        ``.safetensors``, which are written as safetensors.
+        format; ``None`` (default) writes the default format (torch's, unless
+        ``TORCH_SAFETENSORS_FORMAT=safetensors`` or
+        ``torch_safetensors.set_default_format("safetensors")``), except for paths
+        ending in ``.safetensors``, which are always written as safetensors.
     metadata (dict[str, str], optional, keyword-only): extra header metadata for
         safetensors files (``{"format": "pt"}`` is always written).
     durable (bool, keyword-only): with safetensors, flush the data and the directory
         entry to stable storage before returning (off by default, as torch.save).
+    checksums (bool, keyword-only): with safetensors, record each tensor's CRC32C in
+        the header metadata, checked by ``torch-safetensors verify --data``.
 """
 
 _LOAD_DOC = """
@@ -459,8 +583,9 @@ def _make_wrappers() -> Tuple[Callable[..., Any], Callable[..., Any]]:
     @functools.wraps(_orig_save)
     def save_wrapper(obj: Any, f: Any, *args: Any, format: Optional[str] = None,
                      metadata: Optional[Dict[str, str]] = None, durable: bool = False,
-                     **kwargs: Any) -> None:
-        return save(obj, f, *args, format=format, metadata=metadata, durable=durable, **kwargs)
+                     checksums: bool = False, **kwargs: Any) -> None:
+        return save(obj, f, *args, format=format, metadata=metadata, durable=durable,
+                    checksums=checksums, **kwargs)
 
     @functools.wraps(_orig_load)
     def load_wrapper(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any:
@@ -472,6 +597,7 @@ def _make_wrappers() -> Tuple[Callable[..., Any], Callable[..., Any]]:
             _kwonly("format", None, Optional[str]),
             _kwonly("metadata", None, Optional[Dict[str, str]]),
             _kwonly("durable", False, bool),
+            _kwonly("checksums", False, bool),
         ],
     )
     load_wrapper.__signature__ = _extend_signature(  # type: ignore[attr-defined]

@@ -26,6 +26,7 @@ import dataclasses
 import errno
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -55,7 +56,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import _C, _core, _sharded, _torch
+from . import _C, _core, _sharded, _source, _torch
 from ._core import SafetensorError
 
 __all__ = ["SafetensorsWriter", "SafetensorsReader"]
@@ -382,6 +383,7 @@ class _IndexParser:
                 assert key is not None
                 chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(sizes)))
                 locations[MetadataIndex(fqn, offsets, i)] = _Location(file, key, _TENSOR, dtype, tuple(sizes))
+            self.coverage(fqn, size, chunks)
             state[fqn] = TensorStorageMetadata(
                 properties=TensorProperties(dtype=dtype), size=torch.Size(size), chunks=chunks
             )
@@ -415,6 +417,36 @@ class _IndexParser:
         )
         return metadata, locations
 
+    def coverage(self, fqn: str, size: List[int], chunks: List[ChunkStorageMetadata]) -> None:
+        """Checks that the chunks (already in bounds) tile the tensor exactly: no gap,
+        no overlap. A tensor with no chunk at all would load as whatever the target
+        held before."""
+        if not chunks:
+            raise self.bad(f"{fqn}: no chunks: the tensor's data is stored nowhere")
+        boxes = [(list(c.offsets), list(c.sizes)) for c in chunks if math.prod(c.sizes) > 0]
+        numel = math.prod(size)
+        if numel == 0:
+            return  # nothing to cover; empty chunks say where the empty tensor was
+        if not size:
+            if len(boxes) != 1:
+                raise self.bad(f"{fqn}: a scalar stored in {len(boxes)} chunks")
+            return
+        # sweep along the dimension with the most distinct offsets: the one the tensor
+        # was split along, so that few boxes are compared with each other
+        dim = max(range(len(size)), key=lambda d: len({o[d] for o, _ in boxes}))
+        boxes.sort(key=lambda b: b[0][dim])
+        active: List[Tuple[List[int], List[int]]] = []
+        for offsets, sizes in boxes:
+            active = [a for a in active if a[0][dim] + a[1][dim] > offsets[dim]]
+            for a_off, a_size in active:
+                if all(ao < o + n and o < ao + an for ao, an, o, n in zip(a_off, a_size, offsets, sizes)):
+                    raise self.bad(f"{fqn}: chunks at offsets {a_off} and {offsets} overlap")
+            active.append((offsets, sizes))
+        covered = sum(math.prod(n) for _, n in boxes)
+        if covered != numel:
+            raise self.bad(f"{fqn}: the chunks cover {covered} of the tensor's {numel} elements "
+                           "(a gap: part of the tensor is stored nowhere)")
+
     def planner_data(self, v: Any) -> Any:
         if v is None:
             return None
@@ -433,16 +465,13 @@ class _IndexParser:
 
 def _read_index(directory: str) -> Tuple[Metadata, Dict[MetadataIndex, _Location]]:
     where = os.path.join(directory, INDEX_NAME)
-    try:
-        with open(where, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            errno.ENOENT,
-            f"no complete torch_safetensors checkpoint in {directory!r}: its index {INDEX_NAME} "
-            "is missing (the save was interrupted, or never ran)",
-            where,
-        ) from None
+    # a regular file only (never a FIFO that would block), size checked before reading
+    raw = _source.read_json_bytes(
+        where,
+        what="checkpoint index",
+        missing=f"no complete torch_safetensors checkpoint in {directory!r}: its index {INDEX_NAME} "
+        "is missing (the save was interrupted, or never ran)",
+    )
     parser = _IndexParser(where)
     try:
         doc = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
@@ -485,7 +514,8 @@ def _remove_stale_shards(directory: str, keep: List[str]) -> None:
 
 
 def _open_shard(directory: str, rel: str) -> "_C.Reader":
-    return _C.Reader(os.path.join(directory, rel))
+    # never blocks on a FIFO; a special file is refused, naming it
+    return _source.open_reader(os.path.join(directory, rel), None)
 
 
 def _assemble_full(directory: str, metadata: Metadata,

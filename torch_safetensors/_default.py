@@ -1,0 +1,81 @@
+"""The process-wide default format of ``torch.save``: one switch for unchanged code.
+
+``TORCH_SAFETENSORS_FORMAT=safetensors`` in the environment (read when this module is
+imported) or :func:`set_default_format` from code makes every ``torch.save`` call that
+passes no ``format`` write safetensors, to paths and file objects alike.
+``TORCH_SAFETENSORS_FALLBACK=pickle`` (or ``fallback="pickle"``) lets one call whose
+object cannot be stored write pickle instead, with a :class:`PickleFallbackWarning`.
+The startup hook (``_torch_safetensors_startup``) only makes sure this package is
+imported in processes that never import it themselves.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+__all__ = ["PickleFallbackWarning", "get_default_format", "set_default_format"]
+
+ENV_FORMAT = "TORCH_SAFETENSORS_FORMAT"
+ENV_FALLBACK = "TORCH_SAFETENSORS_FALLBACK"
+FORMATS = ("safetensors", "pickle")
+FALLBACKS = ("pickle",)
+
+
+class PickleFallbackWarning(UserWarning):
+    """A ``torch.save`` call wrote pickle because its object cannot be stored as
+    safetensors and the fallback to pickle is on."""
+
+
+def _check(format: object, fallback: object, *, source: str) -> Tuple[str, Optional[str]]:
+    if format not in FORMATS:
+        raise ValueError(f"{source}: the default format must be one of "
+                         f"{', '.join(map(repr, FORMATS))}, not {format!r}")
+    if fallback is not None and fallback not in FALLBACKS:
+        raise ValueError(f"{source}: fallback must be None or 'pickle', not {fallback!r}")
+    return str(format), (None if fallback is None else str(fallback))
+
+
+def _from_environment() -> Tuple[str, Optional[str]]:
+    """The (format, fallback) the environment asks for; unset or empty means pickle."""
+    fmt = os.environ.get(ENV_FORMAT, "").strip().lower() or "pickle"
+    fallback = os.environ.get(ENV_FALLBACK, "").strip().lower() or None
+    if fallback == "error":
+        fallback = None
+    return _check(fmt, fallback, source=f"environment variables {ENV_FORMAT}/{ENV_FALLBACK}")
+
+
+_format, _fallback = _from_environment()
+
+
+def set_default_format(format: str, *, fallback: Optional[str] = None) -> None:
+    """Sets the format ``torch.save`` writes when a call passes no ``format``.
+
+    Paths ending in ``.safetensors`` are always written as safetensors, and
+    ``format="pickle"`` (or ``"safetensors"``) on one call always wins.
+
+    Args:
+        format: ``"safetensors"`` or ``"pickle"`` (torch's own format, the default).
+        fallback: ``None`` (default): with safetensors, an object that cannot be stored
+            raises ``TypeError`` naming its path. ``"pickle"``: that one call writes
+            pickle instead and warns with :class:`PickleFallbackWarning`.
+
+    Raises:
+        ValueError: an unknown format or fallback.
+
+    Example:
+        >>> torch_safetensors.set_default_format("safetensors", fallback="pickle")
+        >>> torch.save(model.state_dict(), buffer)   # a safetensors file in the buffer
+    """
+    global _format, _fallback
+    _format, _fallback = _check(format, fallback, source="set_default_format")
+
+
+def get_default_format() -> str:
+    """The format ``torch.save`` writes when a call passes none: ``"safetensors"`` or
+    ``"pickle"``."""
+    return _format
+
+
+def fallback() -> Optional[str]:
+    """The fallback for objects safetensors cannot store: ``None`` or ``"pickle"``."""
+    return _fallback
