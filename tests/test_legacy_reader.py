@@ -706,3 +706,46 @@ def test_outside_the_subset_goes_to_torch(tmp_path, pkl, why):
     assert want[0] == got[0]
     if want[0] == "ok":
         assert_same(want[1], got[1])
+
+
+# ---- differential fuzzing findings (fuzz/diff_pickle.py) stay fixed ----
+
+DIFF_FINDINGS = os.path.join(os.path.dirname(__file__), "..", "fuzz", "regressions", "diff")
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(DIFF_FINDINGS)) if os.path.isdir(DIFF_FINDINGS) else [])
+@pytest.mark.parametrize("mmap", [False, True])
+def test_diff_findings(name, mmap):
+    # zip files torch's reader refuses or reads differently from a plain zip reader
+    # (multi-disk fields in the zip64 record, a directory attribute, a record outside the
+    # archive folder, a non-UTF-8 serialization id...): we hand them to torch
+    path = os.path.join(DIFF_FINDINGS, name)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        ours = _C.legacy_load(fd, mmap, lambda loc: loc == "cpu", True)
+    except RuntimeError:
+        return
+    finally:
+        os.close(fd)
+    if ours[0] == "ok":
+        assert_same(plain(path, mmap=mmap), ours[1])
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 2**32 - 1), which=st.sampled_from(["training", "views", "params"]),
+       zipped=st.booleans(), mmap=st.booleans())
+def test_mutated_files_never_accepted_when_torch_refuses(tmp_path_factory, seed, which, zipped, mmap):
+    buf = io.BytesIO()
+    torch.save(CASES[which], buf, _use_new_zipfile_serialization=zipped)
+    bad = tmp_path_factory.mktemp("mutf") / "bad.pt"
+    bad.write_bytes(_mutate(buf.getvalue(), random.Random(seed)))
+    fd = os.open(bad, os.O_RDONLY)
+    try:
+        ours = _C.legacy_load(fd, mmap, lambda loc: loc == "cpu", True)
+    except RuntimeError:
+        return
+    finally:
+        os.close(fd)
+    if ours[0] == "ok":
+        # plain torch refuses mmap for pre-1.6 files: compare with its in-memory load
+        assert_same(plain(bad, mmap=mmap and zipped), ours[1])
