@@ -559,7 +559,7 @@ def test_load_format_pickle_with_pickle_file(tmp_path):
 
 REFUSED = [
     ({"a": lambda: 0}, "a"),
-    ({"a": {1, (lambda: 0)}}, "a[1]"),
+    ({"a": {(lambda: 0)}}, "a[0]"),  # one element: a set's order follows hashes
     ({"ok": torch.ones(2), "a": __import__("threading").Lock()}, "a"),
     ({"opt": {"groups": [{"foo": {3: os}}]}}, "opt.groups[0].foo[3]"),
 ]
