@@ -45,6 +45,12 @@ def test_cli_version(capsys):
     assert out.startswith(f"torch-safetensors {ts.__version__} (torch ")
 
 
+# An editable install (CI's, the README's test command) adds a finder that would find the
+# clone's built _C for any package named torch_safetensors: these tests stand for a user
+# without one, so the subprocess drops it first.
+_NO_EDITABLE = "import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]; "
+
+
 def test_unbuilt_source_tree_says_so(tmp_path):
     # a source tree without the C extension, imported from its root
     tree = tmp_path / "clone"
@@ -52,7 +58,9 @@ def test_unbuilt_source_tree_says_so(tmp_path):
                     ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     shutil.copy(os.path.join(ROOT, "setup.py"), tree / "setup.py")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    r = subprocess.run([sys.executable, "-m", "torch_safetensors", "demo"], cwd=tree, env=env,
+    code = (_NO_EDITABLE + "import runpy; sys.argv = ['torch_safetensors', 'demo']; "
+            "runpy.run_module('torch_safetensors', run_name='__main__', alter_sys=True)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     last = r.stderr.strip().splitlines()[-1]
@@ -66,7 +74,7 @@ def test_unbuilt_installed_copy_says_reinstall(tmp_path):
     shutil.copytree(os.path.join(ROOT, "torch_safetensors"), pkg,
                     ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
-    r = subprocess.run([sys.executable, "-c", "import torch_safetensors"], cwd=tmp_path, env=env,
+    r = subprocess.run([sys.executable, "-c", _NO_EDITABLE + "import torch_safetensors"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert "is not built" in r.stderr and "reinstall" in r.stderr

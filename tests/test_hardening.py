@@ -653,13 +653,18 @@ _BY_TORCH = {"reader": None, "torch": lambda storage, location: storage}
 
 
 @pytest.mark.parametrize("who", sorted(_BY_TORCH))
-def test_short_record_guard_under_torchs_global_mmap(tmp_path, monkeypatch, who):
+def test_short_record_guard_under_torchs_global_mmap(tmp_path, who):
     from torch.utils.serialization import config
 
     path = _short_record_zip(tmp_path)
-    monkeypatch.setattr(config.load, "mmap", True)
-    with pytest.raises(RuntimeError, match="refusing to map"):
-        torch.load(path, map_location=_BY_TORCH[who])
+    # plain assignment, not monkeypatch: pytest 9.2's undo deletes a config attribute
+    old = config.load.mmap
+    config.load.mmap = True
+    try:
+        with pytest.raises(RuntimeError, match="refusing to map"):
+            torch.load(path, map_location=_BY_TORCH[who])
+    finally:
+        config.load.mmap = old
 
 
 @pytest.mark.parametrize("who", sorted(_BY_TORCH))
