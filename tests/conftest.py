@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import torch_safetensors as ts
-from torch_safetensors import _core
+from torch_safetensors import _C, _core
 
 SafetensorError = ts.SafetensorError
 
@@ -195,3 +195,33 @@ def _torch_global_state_restored():
     yield
     torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
     torch.set_default_dtype(default_dtype)
+
+
+# ---- training frameworks (tests/test_framework_*.py) ----
+
+
+def is_safetensors_file(path: Any) -> bool:
+    """Whether the file at path holds safetensors, by its bytes (as torch.load decides)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    return _C.sniff(data[:4096], len(data))
+
+
+@pytest.fixture
+def environment_restored():
+    """Frameworks set environment variables (ACCELERATE_*, PL_*, ...): none may leak."""
+    env = dict(os.environ)
+    yield
+    for name in set(os.environ) - set(env):
+        del os.environ[name]
+    os.environ.update(env)
+
+
+@pytest.fixture
+def default_format():
+    """ts.set_default_format, with the process default restored afterwards."""
+    from torch_safetensors import _default
+
+    saved = (_default._format, _default._fallback)
+    yield ts.set_default_format
+    _default._format, _default._fallback = saved

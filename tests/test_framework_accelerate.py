@@ -4,14 +4,13 @@ safetensors, and load_state restores everything exactly (the RNG streams too, wh
 accelerate would otherwise skip silently: it ignores any error while loading them)."""
 from __future__ import annotations
 
-import os
 import random
 
 import pytest
 import torch
 
-import torch_safetensors as ts
-from torch_safetensors import _C, _default
+import torch_safetensors  # noqa: F401 - installs the torch.save/torch.load wrappers
+from conftest import is_safetensors_file
 
 accelerate = pytest.importorskip("accelerate")
 np = pytest.importorskip("numpy")
@@ -19,26 +18,7 @@ np = pytest.importorskip("numpy")
 TORCH_SAVED = ("optimizer.bin", "scheduler.bin", "random_states_0.pkl")
 
 
-def _is_safetensors(path) -> bool:
-    data = open(path, "rb").read()
-    return _C.sniff(data[:4096], len(data))
-
-
-@pytest.fixture(autouse=True)
-def _environment_restored():
-    """The framework sets environment variables (ACCELERATE_*, ...): none may leak."""
-    env = dict(os.environ)
-    yield
-    for name in set(os.environ) - set(env):
-        del os.environ[name]
-    os.environ.update(env)
-
-
-@pytest.fixture
-def default_format():
-    saved = (_default._format, _default._fallback)
-    yield ts.set_default_format
-    _default._format, _default._fallback = saved
+pytestmark = pytest.mark.usefixtures("environment_restored")
 
 
 def _setup():
@@ -97,12 +77,12 @@ def test_save_state_is_safetensors_and_load_state_is_exact(tmp_path, default_for
     default_format("pickle")
     p_straight, p_resumed, p_saved, p_loaded = _run(tmp_path / "pickle")
     for name in TORCH_SAVED:
-        assert not _is_safetensors(tmp_path / "pickle" / name), name
+        assert not is_safetensors_file(tmp_path / "pickle" / name), name
 
     default_format("safetensors")  # unstorable values raise: no silent pickle
     straight, resumed, saved, loaded = _run(tmp_path / "st")
     for name in (*TORCH_SAVED, "model.safetensors"):
-        assert _is_safetensors(tmp_path / "st" / name), name
+        assert is_safetensors_file(tmp_path / "st" / name), name
 
     _same_draws(loaded, saved)  # random, numpy and torch streams restored
     _same_draws(loaded, p_loaded)
@@ -126,11 +106,11 @@ def test_random_states_file_holds_the_rng_states(tmp_path, default_format):
     assert states["step"] == acc.step
 
 
-def test_grad_scaler_state_is_safetensors(tmp_path, default_format):
+def test_grad_scaler_stateis_safetensors_file(tmp_path, default_format):
     default_format("safetensors")
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     torch.save(scaler.state_dict(), tmp_path / "scaler.pt")  # as both frameworks do
-    assert _is_safetensors(tmp_path / "scaler.pt")
+    assert is_safetensors_file(tmp_path / "scaler.pt")
     fresh = torch.amp.GradScaler("cpu")
     fresh.load_state_dict(torch.load(tmp_path / "scaler.pt"))
     assert fresh.state_dict() == scaler.state_dict()

@@ -11,36 +11,23 @@ import warnings
 import pytest
 import torch
 
-import torch_safetensors as ts
-from torch_safetensors import _C, _default
+import torch_safetensors  # noqa: F401 - installs the torch.save/torch.load wrappers
+from conftest import is_safetensors_file
 
 pl = pytest.importorskip("lightning.pytorch")
 
 
-def _is_safetensors(path) -> bool:
-    data = open(path, "rb").read()
-    return _C.sniff(data[:4096], len(data))
+pytestmark = pytest.mark.usefixtures("environment_restored")
 
 
 @pytest.fixture(autouse=True)
 def _global_state_restored():
     """Lightning sets process-wide switches (seed variables, deterministic algorithms):
     none may leak into other tests."""
-    env = dict(os.environ)
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     yield
     torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
-    for name in set(os.environ) - set(env):
-        del os.environ[name]
-    os.environ.update(env)
-
-
-@pytest.fixture
-def default_format():
-    saved = (_default._format, _default._fallback)
-    yield ts.set_default_format
-    _default._format, _default._fallback = saved
 
 
 class TinyModule(pl.LightningModule):
@@ -94,14 +81,14 @@ def test_checkpoints_are_safetensors_and_resume_exactly(tmp_path, default_format
     # torch's weights_only loader refuses a pickled Path: the pickle baseline needs it allowlisted
     with torch.serialization.safe_globals([type(pathlib.Path())]):
         p_straight, p_resumed = _fit_then_resume(tmp_path / "pickle")
-    assert not _is_safetensors(tmp_path / "pickle" / "epoch=0-step=4.ckpt")
+    assert not is_safetensors_file(tmp_path / "pickle" / "epoch=0-step=4.ckpt")
 
     default_format("safetensors")  # unstorable values raise: no silent pickle
     straight, resumed = _fit_then_resume(tmp_path / "st")
     ckpts = sorted(p.name for p in (tmp_path / "st").glob("*.ckpt"))
     assert ckpts == ["epoch=0-step=4.ckpt", "epoch=1-step=8.ckpt", "epoch=2-step=12.ckpt"]
     for name in ckpts:
-        assert _is_safetensors(tmp_path / "st" / name), name
+        assert is_safetensors_file(tmp_path / "st" / name), name
     # Lightning does not checkpoint the global RNG (dropout, shuffling), so a resumed run
     # differs from an uninterrupted one; it must equal the run resumed from pickle
     for k in straight:
@@ -117,7 +104,7 @@ def test_load_from_checkpoint_with_path_and_dtype_hyperparameters(tmp_path, defa
         warnings.simplefilter("ignore")
         _trainer(tmp_path, 1).fit(model)
     path = tmp_path / "epoch=0-step=4.ckpt"
-    assert _is_safetensors(path)
+    assert is_safetensors_file(path)
     ck = torch.load(path)  # the whole checkpoint, no allowlist
     assert ck["hyper_parameters"] == {"data_dir": tmp_path / "data", "dtype": torch.float32, "lr": 0.05}
     assert ck["epoch"] == 0 and ck["global_step"] == 4

@@ -16,7 +16,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch  # noqa: E402
 
 import torch_safetensors as ts  # noqa: E402
-from torch_safetensors import _C, _default  # noqa: E402
+from conftest import is_safetensors_file  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")  # the Trainer needs it
@@ -25,26 +25,7 @@ pytest.importorskip("accelerate")  # the Trainer needs it
 TORCH_SAVED = ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin")
 
 
-def _is_safetensors(path) -> bool:
-    data = open(path, "rb").read()
-    return _C.sniff(data[:4096], len(data))
-
-
-@pytest.fixture(autouse=True)
-def _environment_restored():
-    """The framework sets environment variables (ACCELERATE_*, ...): none may leak."""
-    env = dict(os.environ)
-    yield
-    for name in set(os.environ) - set(env):
-        del os.environ[name]
-    os.environ.update(env)
-
-
-@pytest.fixture
-def default_format():
-    saved = (_default._format, _default._fallback)
-    yield ts.set_default_format
-    _default._format, _default._fallback = saved
+pytestmark = pytest.mark.usefixtures("environment_restored")
 
 
 def _model():
@@ -93,17 +74,17 @@ def test_trainer_checkpoints_are_safetensors_and_resume_exactly(tmp_path, defaul
     default_format("pickle")
     _, from_pickle = _train_then_resume(tmp_path / "pickle")
     for name in TORCH_SAVED:
-        assert not _is_safetensors(tmp_path / "pickle" / "checkpoint-2" / name), name
+        assert not is_safetensors_file(tmp_path / "pickle" / "checkpoint-2" / name), name
 
     default_format("safetensors")  # unstorable values raise: no silent pickle
     straight, from_st = _train_then_resume(tmp_path / "st")
     for step in (2, 4):
         ckpt = tmp_path / "st" / f"checkpoint-{step}"
         for name in TORCH_SAVED:
-            assert _is_safetensors(ckpt / name), (step, name)
-        assert _is_safetensors(ckpt / "model.safetensors")
+            assert is_safetensors_file(ckpt / name), (step, name)
+        assert is_safetensors_file(ckpt / "model.safetensors")
     for name in TORCH_SAVED:  # the resumed run's own checkpoint
-        assert _is_safetensors(tmp_path / "st" / "resumed" / "checkpoint-4" / name), name
+        assert is_safetensors_file(tmp_path / "st" / "resumed" / "checkpoint-4" / name), name
 
     _bitwise_equal(from_st, from_pickle)
     _bitwise_equal(from_st, straight)  # and resuming loses nothing
