@@ -12,7 +12,6 @@ import os
 import random
 import resource
 import signal
-import stat
 import subprocess
 import sys
 import textwrap
@@ -27,22 +26,7 @@ import torch_safetensors as ts
 from torch_safetensors import _C, _cli, _sharded, _torch
 from torch_safetensors._core import SafetensorError
 
-INDEX = "model.safetensors.index.json"
-
-
-def _files(d):
-    return sorted(os.listdir(d))
-
-
-def _state(n=6, numel=1000, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {f"layer.{i}.weight": torch.randn(numel, generator=g) for i in range(n)}
-
-
-def _equal(a, b):
-    assert sorted(a) == sorted(b)
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+from test_sharded import INDEX, _equal, _files, _state  # the sharded tests' fixtures
 
 
 def _same(a, b):

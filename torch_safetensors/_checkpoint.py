@@ -1036,6 +1036,27 @@ def unflatten(
     text = (metadata or {}).get(STRUCTURE_KEY)
     if text is None:
         return tensors
+    doc, budget, spent = _parse(text)
+    version = doc.get("version") if type(doc) is dict else None
+    if type(version) is not int or version not in READABLE_VERSIONS or "root" not in doc:
+        raise _bad(f"expected an object with a version in {READABLE_VERSIONS} and a root")
+    root = doc.pop("root")
+    del doc
+    try:
+        return _Builder(tensors, version=version, trusted=trusted, budget=budget, spent=spent).build(root, 0)
+    except RecursionError:
+        raise _bad("nested too deeply") from None
+
+
+def _parse(text: str) -> Tuple[Any, int, int]:
+    """The structure JSON, parsed only when its worst case fits the memory budget.
+
+    Returns:
+        (the document, the budget in bytes, what parsing was charged against it).
+
+    Raises:
+        SafetensorError: over the budget, not JSON, a huge int, or nested too deeply.
+    """
     budget = budget_for(text)
     spent = estimate(text)
     if spent > budget:
@@ -1049,15 +1070,7 @@ def unflatten(
         if isinstance(e, SafetensorError):
             raise
         raise _bad(f"not JSON ({_one_line(e)})") from None
-    version = doc.get("version") if type(doc) is dict else None
-    if type(version) is not int or version not in READABLE_VERSIONS or "root" not in doc:
-        raise _bad(f"expected an object with a version in {READABLE_VERSIONS} and a root")
-    root = doc.pop("root")
-    del doc
-    try:
-        return _Builder(tensors, version=version, trusted=trusted, budget=budget, spent=spent).build(root, 0)
-    except RecursionError:
-        raise _bad("nested too deeply") from None
+    return doc, budget, spent
 
 
 MAX_INT_DIGITS = 4300  # CPython's default limit, kept even where a program lifts it
@@ -1097,16 +1110,7 @@ def describe(text: str, tensors: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     Raises:
         SafetensorError: the structure is not JSON, over the memory budget, or too deep.
     """
-    if estimate(text) > budget_for(text):
-        raise _bad("too large to describe within the memory budget", "budget")
-    try:
-        doc = json.loads(text, parse_constant=_raise_constant, parse_int=_parse_int)
-    except RecursionError:
-        raise _bad("nested too deeply") from None
-    except ValueError as e:
-        if isinstance(e, SafetensorError):
-            raise
-        raise _bad(f"not JSON ({_one_line(e)})") from None
+    doc = _parse(text)[0]
     if type(doc) is not dict or "root" not in doc:
         raise _bad("no root")
     refs: Dict[str, List[str]] = {}
