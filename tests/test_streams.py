@@ -446,6 +446,26 @@ def test_non_blocking_reader_raises():
         torch.load(NonBlockingReader(), format="safetensors")
 
 
+class Overreader:
+    """A stream whose read() hands back more bytes than it was asked for."""
+
+    def __init__(self, data):
+        self.data, self.pos = data, 0
+
+    def read(self, n=-1):
+        chunk = self.data[self.pos : self.pos + n + 5]
+        self.pos += len(chunk)
+        return chunk
+
+
+@pytest.mark.parametrize("fmt", [None, "safetensors"])
+def test_a_stream_that_reads_more_than_asked_is_an_io_error(fmt):
+    buf = io.BytesIO()
+    torch.save({"w": torch.ones(3)}, buf, format="safetensors")
+    with pytest.raises(OSError, match=r"read\(8\) returned 13 bytes"):
+        torch.load(Overreader(buf.getvalue()), format=fmt)
+
+
 # ---- memory: extra peak RSS over the model, each in a fresh process ----
 
 MEM_SCRIPT = textwrap.dedent(

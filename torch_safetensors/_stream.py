@@ -154,11 +154,14 @@ def _header(f: Any, size: Optional[int]) -> Tuple[int, List[Any], Optional[Dict[
     """Reads and validates the prefix and header: (data_len, entries, metadata, header bytes)."""
     prefix = bytearray()
     while len(prefix) < 8:
-        chunk = f.read(8 - len(prefix))
+        want = 8 - len(prefix)
+        chunk = f.read(want)
         if chunk is None:
             raise BlockingIOError(errno.EAGAIN, "the non-blocking stream has no data to read")
         if not chunk:
             break
+        if len(chunk) > want:
+            raise OSError(errno.EIO, f"read({want}) returned {len(chunk)} bytes")
         prefix += chunk
     if len(prefix) < 8:
         _C.parse_header(bytes(prefix), len(prefix))  # raises: too small
