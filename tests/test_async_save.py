@@ -362,3 +362,15 @@ def test_dcp_async_save_with_our_writer(tmp_path):
     out = {"w": torch.full((1 << 20,), 5.0), "b": torch.zeros(4)}
     dcp.load(out, storage_reader=SafetensorsReader(str(tmp_path / "ckpt")), no_dist=True)
     assert torch.count_nonzero(out["w"]) == 0 and torch.equal(out["b"], sd["b"])
+
+
+def test_a_fifo_target_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="FIFO"):
+        ts.async_save({"w": torch.ones(2)}, fifo)
+    with pytest.raises(OSError, match="FIFO"):  # also through a symlink to it
+        os.symlink(fifo, tmp_path / "link")
+        ts.async_save({"w": torch.ones(2)}, tmp_path / "link")
+    # the writer was never held: a normal save right after completes
+    ts.async_save({"w": torch.ones(2)}, tmp_path / "ok.safetensors").result(timeout=60)

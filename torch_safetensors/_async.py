@@ -24,7 +24,9 @@ tensor in place as soon as the call returns.
 from __future__ import annotations
 
 import concurrent.futures
+import errno
 import os
+import stat
 import threading
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -213,6 +215,24 @@ def _record_events(order: List[Any]) -> List[Any]:
 # ---- the call ----
 
 
+def _refuse_blocking_target(path: Any) -> None:
+    """A FIFO or a socket would hold the writer thread (and interpreter exit, which
+    completes saves in flight) until some other process reads: refused at the call."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # absent (created by the write) or unreadable: the write reports it
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket"
+        raise OSError(
+            errno.EINVAL,
+            f"async_save writes files in the background, and {os.fsdecode(path)!r} is {kind}, "
+            "whose writer would wait for a reader (also at interpreter exit); use torch.save "
+            "for pipes",
+            path,
+        )
+
+
 def async_save(obj: Any, f: Any, *, metadata: Optional[Dict[str, str]] = None,
                durable: bool = False) -> "concurrent.futures.Future[None]":
     """Saves obj as safetensors in the background; returns once its values are copied.
@@ -237,6 +257,8 @@ def async_save(obj: Any, f: Any, *, metadata: Optional[Dict[str, str]] = None,
     Raises:
         TypeError: obj holds something that cannot be saved, or f is neither a path
             nor a writable file; raised here, before anything is copied or written.
+        OSError: f names a FIFO or a socket (a background writer would wait for a
+            reader); raised here too.
         ValueError: metadata uses a reserved key.
 
     Example:
@@ -248,6 +270,8 @@ def async_save(obj: Any, f: Any, *, metadata: Optional[Dict[str, str]] = None,
     if not isinstance(f, (str, os.PathLike)) and getattr(f, "write", None) is None:
         raise TypeError(f"f must be a path or a writable binary file object, not {type(f).__name__}")
     path = os.fspath(f) if isinstance(f, (str, os.PathLike)) else None
+    if path is not None:
+        _refuse_blocking_target(path)
     header, order = _plan(obj, metadata)
     with _lock:
         prev = _last
