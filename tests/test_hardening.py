@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import torch_safetensors as ts
-from torch_safetensors import _C, _cli, _sharded, _torch
+from torch_safetensors import _C, _cli, _save, _sharded
 from torch_safetensors._core import SafetensorError
 
 from test_sharded import INDEX, _equal, _files, _state  # the sharded tests' fixtures
@@ -83,7 +83,7 @@ def test_failure_at_every_step_leaves_a_complete_checkpoint(tmp_path, monkeypatc
             return real(*args, **kwargs)
         return step
 
-    monkeypatch.setattr(_torch, "save_safetensors", failing(_torch.save_safetensors))
+    monkeypatch.setattr(_save, "save_safetensors", failing(_save.save_safetensors))
     monkeypatch.setattr(_C, "write_atomic", failing(_C.write_atomic))
     monkeypatch.setattr(_sharded, "_fsync_dir", failing(_sharded._fsync_dir))
     monkeypatch.setattr(os, "replace", failing(os.replace))
@@ -199,7 +199,7 @@ def test_convert_shard_size_failure_keeps_the_old_checkpoint(tmp_path, monkeypat
     out = tmp_path / "out"
     old = _state(seed=1)
     ts.save_sharded(old, out, max_shard_size=10_000)
-    real = _torch.save_safetensors
+    real = _save.save_safetensors
     calls = []
 
     def failing(*args, **kwargs):
@@ -208,7 +208,7 @@ def test_convert_shard_size_failure_keeps_the_old_checkpoint(tmp_path, monkeypat
             raise OSError(28, "No space left on device")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(_torch, "save_safetensors", failing)
+    monkeypatch.setattr(_save, "save_safetensors", failing)
     assert _cli.main(["convert", str(src), str(out), "--shard-size", "10000", "--no-progress"]) == 3
     monkeypatch.undo()
     _equal(torch.load(out), old)
@@ -822,7 +822,7 @@ def test_ctrl_c_at_a_shard_keeps_the_old_checkpoint(tmp_path, monkeypatch):
     old = _state(seed=1)
     ts.save_sharded(old, tmp_path, max_shard_size=10_000)
     before = {f: (tmp_path / f).read_bytes() for f in _files(tmp_path)}
-    real = _torch.save_safetensors
+    real = _save.save_safetensors
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -831,7 +831,7 @@ def test_ctrl_c_at_a_shard_keeps_the_old_checkpoint(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(_torch, "save_safetensors", interrupted)
+    monkeypatch.setattr(_save, "save_safetensors", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ts.save_sharded(_state(seed=2), tmp_path, max_shard_size=10_000)
     assert {f: (tmp_path / f).read_bytes() for f in _files(tmp_path)} == before

@@ -18,7 +18,7 @@ import warnings
 import pytest
 import torch
 
-from torch_safetensors import _torch
+from torch_safetensors import _legacy, _torch
 
 KINDS = ["os_system", "eval", "exec", "subprocess"]
 CONTAINERS = ["zip", "legacy", "raw_pickle", "raw_pickle_p2"]
@@ -147,7 +147,7 @@ def test_never_retried_unsafely(tmp_path, kind, monkeypatch):
         calls.append(kwargs.get("weights_only"))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(_torch, "_orig_load", spy)
+    monkeypatch.setattr(_legacy, "torch_load_fn", spy)
     _assert_refused(lambda: torch.load(path), marker)
     assert calls == [True]
 

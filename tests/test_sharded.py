@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import torch_safetensors as ts
-from torch_safetensors import _sharded, _torch
+from torch_safetensors import _save, _sharded
 
 from conftest import mapped_paths
 
@@ -255,7 +255,7 @@ def test_stale_shards_of_another_count_are_removed(tmp_path):
 def test_interrupted_save_never_looks_complete(tmp_path, monkeypatch):
     old = _state(6, 1000)
     ts.save_sharded(old, tmp_path, max_shard_size=10_000)
-    real = _torch.save_safetensors
+    real = _save.save_safetensors
     calls = []
 
     def failing(obj, f, metadata=None, *, durable=False):
@@ -264,7 +264,7 @@ def test_interrupted_save_never_looks_complete(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         return real(obj, f, metadata, durable=durable)
 
-    monkeypatch.setattr(_torch, "save_safetensors", failing)
+    monkeypatch.setattr(_save, "save_safetensors", failing)
     before = {f: (tmp_path / f).read_bytes() for f in _files(tmp_path)}
     with pytest.raises(OSError, match="No space"):
         ts.save_sharded(_state(6, 1000, seed=1), tmp_path, max_shard_size=10_000)

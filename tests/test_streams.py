@@ -424,10 +424,25 @@ def test_a_huge_claim_on_a_short_stream_allocates_nothing_large():
 
 
 def test_non_seekable_stream_that_is_not_safetensors_says_why():
+    """torch's own exception for a file object it cannot seek (code catches it by class),
+    with a note that such a stream can only hold safetensors here."""
+    from torch_safetensors import _torch
+
     buf = io.BytesIO()
     torch.save({"a": torch.ones(2)}, buf)  # torch's zip
-    with pytest.raises(SafetensorError, match="seekable"):
+    with pytest.raises(Exception) as theirs:
+        _torch._orig_load(Pipe(buf.getvalue()))
+    with pytest.raises(type(theirs.value), match="seekable") as ours:
         torch.load(Pipe(buf.getvalue()))
+    assert str(ours.value) == str(theirs.value)
+    assert any("can only hold safetensors" in n for n in getattr(ours.value, "__notes__", [""]))
+
+
+def test_non_seekable_stream_of_damaged_safetensors_is_our_error():
+    buf = io.BytesIO()
+    torch.save({"a": torch.ones(2)}, buf, format="safetensors")
+    with pytest.raises(SafetensorError, match="ended inside"):
+        torch.load(Pipe(buf.getvalue()[:-3]))
 
 
 class NonBlockingReader(io.RawIOBase):

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from . import _C, _checkpoint, _stream, _torch
+from . import _C, _checkpoint, _save, _stream
 
 __all__ = ["IDLE_SECONDS", "async_save", "release_async_buffers"]
 
@@ -146,7 +146,7 @@ def _writer() -> concurrent.futures.ThreadPoolExecutor:
 def _plan(obj: Any, metadata: Optional[Dict[str, str]]) -> Tuple[bytes, List[Any]]:
     """Everything a synchronous save checks: (header bytes, [(name, tensor, nbytes)] in
     file order). Raises the same refusals, before anything is copied."""
-    base = _torch.base_metadata(metadata)
+    base = _save.base_metadata(metadata)
     tensors, header_meta, plain = _checkpoint.split(obj)
 
     def plan(tensors: Dict[str, torch.Tensor], extra: Dict[str, str], check: bool) -> Tuple[bytes, List[Any]]:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Text
 
 import torch
 
-from . import _C, _checkpoint, _core, _legacy_map, _sharded, _source, _torch
+from . import _C, _checkpoint, _core, _legacy_map, _load, _save, _sharded, _source
 from ._checksums import CHECKSUM_ALGORITHM, CHECKSUM_KEY, file_crc as _file_crc, read_checksums
 from ._core import SafetensorError
 
@@ -309,7 +309,7 @@ def _check_structure(reader: "_C.Reader") -> None:
     """Validates a whole-checkpoint structure key, building meta tensors only (no data read)."""
     meta = reader.metadata() or {}
     if _checkpoint.STRUCTURE_KEY in meta:
-        _checkpoint.unflatten(_torch._read_tensors(reader, "meta"), meta)
+        _checkpoint.unflatten(_load.read_tensors(reader, "meta"), meta)
 
 
 def aliases(metadata: Dict[str, str], names: Sequence[str],
@@ -753,7 +753,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     bar = _Bar(total, "converting", enabled=_progress_enabled(args.progress, total))
     with _Watcher(bar, os.path.dirname(dst), os.path.basename(dst) + ".", lambda: 0):
         # flatten already stored ties once: no overlap check, no second walk
-        _torch.save_safetensors(obj, dst, parts=(tensors, structure, False), checksums=args.checksums)
+        _save.save_safetensors(obj, dst, parts=(tensors, structure, False), checksums=args.checksums)
     bar.update(total)
     bar.close()
     _emit(f"converted {src} -> {dst}: {summary}")

@@ -240,3 +240,92 @@ def _check_zip_records(fd: int) -> None:
                     f"match the {nbytes} bytes its pickle claims; refusing to map it (mmap=True "
                     "would read the bytes that follow the record)"
                 )
+
+
+# ---- torch's own loader, always with weights_only unless the caller said otherwise ----
+
+#: torch's torch.load as it was before torch_safetensors wrapped it (set by ``_torch.install``)
+torch_load_fn: Optional[Callable[..., Any]] = None
+
+_MARK = "__torch_safetensors_original__"
+
+# how a file that torch's loader refused begins, when it is one of torch's formats
+_PICKLE_PROTOCOLS = range(2, 6)
+
+
+def _torch_loader() -> Callable[..., Any]:
+    fn = torch_load_fn
+    if fn is None:  # not installed: whatever torch.load is, unwrapped
+        fn = getattr(_ser.load, _MARK, _ser.load)
+    return fn
+
+
+def is_torch_format(head: bytes) -> bool:
+    """Whether the first bytes are one of torch's own formats (zip, pre-1.6, tar) or a
+    pickle: a file for which torch's ``weights_only`` advice applies."""
+    return (head[:4] == _ZIP_MAGIC or head.startswith(_LEGACY_MAGIC) or head[257:262] == b"ustar"
+            or head.startswith(b"L%d" % _ser.MAGIC_NUMBER)
+            or (len(head) >= 2 and head[0] == 0x80 and head[1] in _PICKLE_PROTOCOLS))
+
+
+def torch_load(f: Any, bound: Any, head: Optional[bytes] = None) -> Any:
+    """torch's own loader on f, with ``weights_only=True`` unless the caller passed False.
+
+    Args:
+        f: what torch.load receives (a path, or a file object at the caller's position).
+        bound: torch.load's bound arguments.
+        head: the file's first bytes, when known: torch's refusal of a file that is one
+            of its formats says how to move on; other files keep torch's message as is.
+
+    Raises:
+        RuntimeError: a custom ``pickle_module`` without ``weights_only=False``.
+        pickle.UnpicklingError: torch's weights_only loader refused the file (never
+            retried unsafely).
+    """
+    a = bound.arguments
+    explicit_unsafe = a.get("weights_only") is False
+    if not explicit_unsafe:
+        if a.get("pickle_module") is not None:
+            raise RuntimeError(
+                "torch_safetensors loads legacy checkpoints with weights_only=True, and a "
+                "custom pickle_module cannot be made safe. Pass weights_only=False explicitly "
+                "to use it, only for a file from a trusted source."
+            )
+        a["weights_only"] = True
+    args, kwargs = bound.args[1:], bound.kwargs
+    load = _torch_loader()
+    if explicit_unsafe:
+        return load(f, *args, **kwargs)
+    try:
+        return load(f, *args, **kwargs)
+    except pickle.UnpicklingError as e:
+        if head is not None and not is_torch_format(head):
+            raise
+        raise pickle.UnpicklingError(weights_only_hint(e)) from None
+
+
+def weights_only_hint(err: BaseException) -> str:
+    """torch's weights_only refusal, with what a user of torch_safetensors can do next."""
+    return (
+        f"{err}\n\n"
+        "torch_safetensors loaded this legacy (pickle) checkpoint with weights_only=True, "
+        "because pickle can run code from the file; it was not retried unsafely. To move on:\n"
+        "  (1) convert it once, in an environment you trust, to safetensors: "
+        "torch.save(torch.load(path, weights_only=False), new_path, format=\"safetensors\");\n"
+        "  (2) or, if you trust the file, allowlist the classes it needs with "
+        "torch.serialization.add_safe_globals([...]) (see the message above for their names);\n"
+        "  (3) or pass weights_only=False explicitly, only for a file from a trusted source."
+        + _FORCE_NO_WEIGHTS_ONLY_NOTE * force_no_weights_only_set()
+    )
+
+
+_FORCE_NO_WEIGHTS_ONLY_NOTE = (
+    "\nTORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set in this environment: torch_safetensors "
+    "deliberately does not honour it, because a variable set once for one trusted file would "
+    "let every later file run code. Pass weights_only=False in the call instead."
+)
+
+
+def force_no_weights_only_set() -> bool:
+    """Whether torch's TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD is set (we never honour it)."""
+    return os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "0").lower() in ("1", "y", "yes", "true")

@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
-from . import _C, _checkpoint, _core, _source, _torch
+from . import _C, _checkpoint, _core, _load, _save, _source
 from ._core import SafetensorError
 
 __all__ = ["save_sharded", "load_sharded"]
@@ -335,7 +335,7 @@ def _save_sharded(
     single_name = prefix + ".safetensors"
 
     def saver(tensors: Dict[str, torch.Tensor]) -> Callable[[str], None]:
-        return lambda tmp: _torch.save_safetensors(tensors, tmp, meta, durable=True)
+        return lambda tmp: _save.save_safetensors(tensors, tmp, meta, durable=True)
 
     written: List[str] = []
     done = 0
@@ -563,7 +563,7 @@ def iter_shards(index_path: str, *, mmap: Optional[bool] = None) -> Iterator[Tup
 def _load_file(path: str, map_location: Any, mmap: Optional[bool]) -> Any:
     reader = _open_reader(path, mmap)
     try:
-        return _torch._finish(reader, map_location)
+        return _load.finish(reader, map_location)
     except SafetensorError as e:
         raise _named(path, e) from None
 
@@ -574,7 +574,11 @@ def _load_legacy(path: str, map_location: Any, mmap: Optional[bool], weights_onl
     kwargs: Dict[str, Any] = {"map_location": map_location, "weights_only": weights_only}
     if mmap is not None:
         kwargs["mmap"] = mmap
-    return _torch.load(path, **kwargs)
+    a = _load.bind(path, **kwargs)
+    with _source.resolve(path) as src:
+        if src.kind not in _load.LOADERS:
+            raise _core.error(f"{path}: a {src.kind}, not a checkpoint file", "invalid_shard")
+        return _load.LOADERS[src.kind](src, a)
 
 
 def _flat_part(shard: str, part: Any) -> Dict[str, torch.Tensor]:
@@ -600,7 +604,7 @@ def _load_shard(index_path: str, file: str, shard: str, listed: List[str], map_l
         reader = _open_reader(shard, mmap, missing=_missing(file, index_path))
         try:
             _check_names(index_path, file, shard, set(reader.keys()), listed)
-            part = _torch._finish(reader, map_location)
+            part = _load.finish(reader, map_location)
         except SafetensorError as e:
             raise (e if str(e).startswith((shard, index_path)) else _named(shard, e)) from None
         finally:

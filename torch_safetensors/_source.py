@@ -6,6 +6,10 @@ would otherwise wait for a writer forever), checked with ``fstat`` to be regular
 and read with bounded reads: JSON documents (indexes) are checked against a size limit
 before a byte is read, so a 4 GiB sparse index or a link to ``/dev/zero`` fails at once.
 
+It also decides, once, what ``torch.load`` was given (:func:`resolve`): a safetensors
+file, a Hugging Face index, a directory, one of torch's own formats, a seekable file
+object or a stream that cannot seek. Each kind has one loader (``_torch.LOADERS``).
+
 This module builds only on the C core and ``_core``; the loaders (``_torch``,
 ``_sharded``, ``distributed``, the CLI) ask it, never each other, what a path holds.
 """
@@ -15,12 +19,17 @@ import errno
 import os
 import re
 import stat
-from typing import Optional, Tuple, Union
+import io
+from typing import Any, Optional, Tuple, Union
 
 from . import _C, _core
 from ._core import SafetensorError
 
 __all__ = [
+    "Source",
+    "resolve",
+    "describe_head",
+    "not_safetensors",
     "MAX_JSON_BYTES",
     "INDEX_SUFFIX",
     "LEGACY_INDEX_SUFFIX",
@@ -331,3 +340,241 @@ def find_checkpoint(path: PATH, *, legacy: bool = False) -> Tuple[str, str]:
         + (f", then {LEGACY_SINGLE} and *{LEGACY_INDEX_SUFFIX}" if legacy else "") + ")",
         p,
     )
+
+
+# ---- what torch.load was given: decided once ----
+
+#: a path or descriptor whose bytes are (or claim to be) safetensors: our reader decides
+SAFETENSORS = "safetensors"
+#: a Hugging Face index (``*.safetensors.index.json``, ``*.bin.index.json``, or JSON bytes)
+INDEX = "index"
+#: a directory holding a checkpoint
+DIRECTORY = "directory"
+#: a path that is not ours: torch's zip or pre-1.6 format, a device, or bytes torch explains
+LEGACY = "legacy"
+#: a file object torch can seek, holding safetensors at its position
+FILEOBJ_SAFETENSORS = "fileobj_safetensors"
+#: a file object torch can seek (or that torch itself must refuse), holding anything else
+FILEOBJ = "fileobj"
+#: a file object torch cannot seek (no seek/tell, or they fail): safetensors only
+STREAM = "stream"
+
+KINDS = (SAFETENSORS, INDEX, DIRECTORY, LEGACY, FILEOBJ_SAFETENSORS, FILEOBJ, STREAM)
+
+# torch.serialization.MAGIC_NUMBER, pickled (protocol 2) and as protocol 0/1 write it
+_PRE16_NUMBER = 0x1950A86A20F9469CFC6C
+_PRE16_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19."
+
+
+class Source:
+    """What ``f`` is, decided once: ``kind`` (one of :data:`KINDS`) and what its loader needs.
+
+    Attributes:
+        kind: one of :data:`KINDS`.
+        f: what the caller passed.
+        name: the file's name for messages (the path, or the file object's ``name``).
+        fd: a descriptor this value owns (paths that are files); closed by :meth:`close`.
+        head: the first bytes (up to 4 KiB) when they were read.
+        pos: a file object's position when the load began.
+        size: the bytes from ``pos`` to the end, when known.
+        map_fd: a file object's descriptor that holds exactly its bytes (it can be mapped).
+    """
+
+    __slots__ = ("kind", "f", "name", "fd", "head", "pos", "size", "map_fd")
+
+    def __init__(self, kind: str, f: Any, name: str, *, fd: Optional[int] = None, head: bytes = b"",
+                 pos: int = 0, size: Optional[int] = None, map_fd: Optional[int] = None) -> None:
+        self.kind = kind
+        self.f = f
+        self.name = name
+        self.fd = fd
+        self.head = head
+        self.pos = pos
+        self.size = size
+        self.map_fd = map_fd
+
+    @property
+    def is_path(self) -> bool:
+        """Whether the caller passed a path (not a file object)."""
+        return self.kind in (SAFETENSORS, INDEX, DIRECTORY, LEGACY)
+
+    @property
+    def what(self) -> Optional[str]:
+        """What the bytes are when they are one of torch's formats (see :func:`describe_head`)."""
+        return describe_head(self.head) if self.head else None
+
+    def close(self) -> None:
+        """Closes the descriptor this value owns, if any."""
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)
+
+    def __enter__(self) -> "Source":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Source({self.kind!r}, {self.name!r})"
+
+
+def looks_like_safetensors(head: bytes) -> bool:
+    """Whether the first bytes claim to be safetensors, whatever follows: an 8-byte
+    little-endian header length from 2 to the 100,000,000-byte limit. A truncated or
+    damaged safetensors file claims it too, and is then explained by the strict reader;
+    torch's formats and text never do (their first 8 bytes are a zip signature, a pickle
+    opcode or characters, far over the limit), and bytes too short to hold the length
+    are left to torch, whose errors callers expect for them."""
+    if len(head) < 8:
+        return False
+    n = int.from_bytes(head[:8], "little")
+    return 2 <= n <= MAX_JSON_BYTES
+
+
+def describe_head(head: bytes) -> Optional[str]:
+    """What a file that is not safetensors is, by its first bytes, when it is one of
+    torch's formats (or a pickle); None otherwise."""
+    if head[:4] == b"PK\x03\x04":
+        return "a PyTorch checkpoint in torch.save's zip format"
+    if head.startswith(_PRE16_MAGIC) or head.startswith(b"L%d" % _PRE16_NUMBER):
+        return "a PyTorch checkpoint in the pre-1.6 pickle format"
+    if head[257:262] == b"ustar":
+        return "a PyTorch checkpoint in the tar format of torch < 0.4"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return "a pickle file"
+    return None
+
+
+def not_safetensors(name: str, head: bytes, err: SafetensorError, *, path: bool = True) -> SafetensorError:
+    """The strict reader's refusal of a file that is one of torch's formats, saying what
+    the file is and how to load or convert it (the reader's own error otherwise).
+
+    Args:
+        name: the file's path (``path=True``) or a file object's name, for the message.
+        head: the file's first bytes.
+        err: the strict reader's error.
+        path: whether name is a path the CLI can convert.
+    """
+    what = describe_head(head)
+    if what is None:
+        return err
+    how = "torch.load reads it without format='safetensors' (with weights_only=True)"
+    if path:
+        how += (f"; to convert it once: torch-safetensors convert {name} "
+                f"{os.path.splitext(name)[0]}.safetensors")
+    return _core.error(f"{name}: {what}, not a safetensors file. {how}", "not_safetensors")
+
+
+def _is_index(path: str, head: bytes) -> bool:
+    return path.endswith(INDEX_SUFFIX) or path.endswith(LEGACY_INDEX_SUFFIX) or is_index_head(head)
+
+
+def _resolve_path(f: Any) -> Source:
+    p = fspath(f)
+    if os.path.isdir(p):
+        return Source(DIRECTORY, f, p)
+    fd, st = open_path(p)
+    try:
+        if not stat.S_ISREG(st.st_mode):
+            return Source(LEGACY, f, p, fd=fd)  # a device: torch reads it by path
+        head = os.pread(fd, SNIFF_BYTES, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    if _C.sniff(head, st.st_size) or looks_like_safetensors(head):
+        kind = SAFETENSORS
+    elif _is_index(p, head[:64]):
+        kind = INDEX
+    else:
+        kind = LEGACY
+    return Source(kind, f, p, fd=fd, head=head, size=st.st_size)
+
+
+def _object_name(f: Any) -> str:
+    name = getattr(f, "name", None)
+    if isinstance(name, bytes):
+        name = os.fsdecode(name)
+    return name if isinstance(name, str) else f"a {type(f).__name__}"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _size_from(f: Any, pos: int) -> Optional[int]:
+    """The bytes from pos to the end of a seekable file object, or None when its seek
+    takes no ``whence`` or does not say; the position is left at pos."""
+    try:
+        f.seek(0, io.SEEK_END)
+        end = f.tell()
+    except Exception:  # noqa: BLE001 - a minimal seek(pos): the size stays unknown
+        end = None
+    f.seek(pos)
+    return end - pos if _is_int(end) and end >= pos else None
+
+
+def _descriptor_for(f: Any, head: bytes, pos: int, size: Optional[int]) -> Optional[int]:
+    """The file object's descriptor, when it holds exactly the object's bytes from 0
+    (a wrapper that decrypts or decompresses may expose its underlying file's)."""
+    if pos != 0 or size is None:
+        return None
+    try:
+        fd = f.fileno()
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
+    if not _is_int(fd) or fd < 0:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size != size or os.pread(fd, len(head), 0) != head:
+            return None
+    except OSError:
+        return None
+    return fd
+
+
+def _resolve_object(f: Any) -> Source:
+    name = _object_name(f)
+    if not callable(getattr(f, "read", None)):
+        return Source(FILEOBJ, f, name)  # torch refuses it in its own words
+    # "seekable" as torch decides it (_check_seekable): seek(tell()) works. seekable()
+    # alone is not asked: research code passes minimal file-likes without it.
+    try:
+        pos = f.tell()
+        f.seek(pos)
+    except (io.UnsupportedOperation, AttributeError, OSError):
+        return Source(STREAM, f, name)
+    except Exception:  # noqa: BLE001 - a closed file, a broken object: torch says what
+        return Source(FILEOBJ, f, name)
+    if not _is_int(pos):
+        return Source(FILEOBJ, f, name)  # a tell() without a position: torch decides
+    try:
+        head = f.read(SNIFF_BYTES)
+    except Exception:  # noqa: BLE001 - torch's reads fail the same way, in its words
+        head = None
+    f.seek(pos)
+    if not isinstance(head, (bytes, bytearray, memoryview)):
+        return Source(FILEOBJ, f, name, pos=pos)
+    head = bytes(head)
+    if not looks_like_safetensors(head):
+        return Source(FILEOBJ, f, name, head=head, pos=pos)
+    size = _size_from(f, pos)
+    return Source(FILEOBJ_SAFETENSORS, f, name, head=head, pos=pos, size=size,
+                  map_fd=_descriptor_for(f, head, pos, size))
+
+
+def resolve(f: Any) -> Source:
+    """What ``torch.load`` was given, decided once; the caller closes the result.
+
+    Paths are opened once (never blocking: a FIFO or socket is refused) and sniffed by
+    their first bytes; file objects are tested for seeking as torch tests them, and
+    sniffed at their position, which is restored.
+
+    Raises:
+        FileNotFoundError, OSError: a path cannot be opened.
+        SafetensorError: a path is a FIFO or a socket.
+    """
+    if isinstance(f, (str, os.PathLike)):
+        return _resolve_path(f)
+    return _resolve_object(f)

@@ -56,7 +56,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from . import _C, _core, _sharded, _source, _torch
+from . import _C, _core, _load, _save, _sharded, _source
 from ._core import SafetensorError
 
 __all__ = ["SafetensorsWriter", "SafetensorsReader"]
@@ -129,6 +129,11 @@ def _orig_torch_save() -> Any:
     return getattr(torch.save, "__torch_safetensors_original__", torch.save)
 
 
+def _load_is_wrapped() -> bool:
+    """Whether torch.load is torch_safetensors' wrapper (it reads safetensors blobs)."""
+    return hasattr(torch.load, "__torch_safetensors_original__")
+
+
 def _encode_object(fqn: str, data: Any, allow_pickle: bool) -> Tuple[bytes, str]:
     """The bytes to store for a BYTE_IO item, and their encoding.
 
@@ -150,7 +155,7 @@ def _encode_object(fqn: str, data: Any, allow_pickle: bool) -> Tuple[bytes, str]
     if not problem:
         out = io.BytesIO()
         try:
-            _torch.save_safetensors(value, out)
+            _save.save_safetensors(value, out)
             return out.getvalue(), "safetensors"
         except (TypeError, ValueError) as e:
             problem = str(e)
@@ -184,12 +189,12 @@ def _object_stream(key: str, blob: bytes) -> io.BytesIO:
     if not _C.sniff(blob[:_SNIFF_BYTES], len(blob)):
         raise SafetensorError(f"tensor {key!r}: the stored value is not a safetensors blob")
     reader = _C.Reader(data=blob)
-    if _torch.installed():
+    if _load_is_wrapped():
         reader.close()  # valid: torch.load (wrapped) reads it as safetensors, without pickle
         return io.BytesIO(blob)
     # torch.load is torch's own again: hand it a pickle made here from the safely
     # decoded value (tensors, containers, plain values only)
-    value = _torch._finish(reader, "cpu")
+    value = _load.finish(reader, "cpu")
     out = io.BytesIO()
     _orig_torch_save()(value, out)
     out.seek(0)
