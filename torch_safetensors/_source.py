@@ -121,9 +121,9 @@ def open_regular(path: PATH, *, missing: Optional[str] = None) -> Tuple[int, os.
 def open_path(path: PATH) -> Tuple[int, os.stat_result]:
     """Opens an explicit path for torch.load, never blocking; returns (fd, fstat).
 
-    Regular files and devices are returned (torch reads devices, so a device path
-    torch accepts keeps working); a FIFO or a socket is refused at once: torch would
-    wait for a writer and then fail to seek.
+    Regular files, directories and devices are returned (torch reads devices, so a
+    device path torch accepts keeps working); a FIFO or a socket is refused at once:
+    torch would wait for a writer and then fail to seek.
 
     Raises:
         SafetensorError: a FIFO or a socket (code ``not_regular_file``).
@@ -135,7 +135,7 @@ def open_path(path: PATH) -> Tuple[int, os.stat_result]:
         st = os.fstat(fd)
         if stat.S_ISFIFO(st.st_mode) or stat.S_ISSOCK(st.st_mode):
             raise not_regular(p, st.st_mode)
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
             # torch reads it by path and blocks as it would; this descriptor only sniffs
             os.set_blocking(fd, True)
     except BaseException:
@@ -380,18 +380,26 @@ class Source:
         map_fd: a file object's descriptor that holds exactly its bytes (it can be mapped).
     """
 
-    __slots__ = ("kind", "f", "name", "fd", "head", "pos", "size", "map_fd")
+    __slots__ = ("kind", "f", "_name", "fd", "head", "pos", "size", "map_fd")
 
-    def __init__(self, kind: str, f: Any, name: str, *, fd: Optional[int] = None, head: bytes = b"",
-                 pos: int = 0, size: Optional[int] = None, map_fd: Optional[int] = None) -> None:
+    def __init__(self, kind: str, f: Any, name: Optional[str] = None, *, fd: Optional[int] = None,
+                 head: bytes = b"", pos: int = 0, size: Optional[int] = None,
+                 map_fd: Optional[int] = None) -> None:
         self.kind = kind
         self.f = f
-        self.name = name
+        self._name = name
         self.fd = fd
         self.head = head
         self.pos = pos
         self.size = size
         self.map_fd = map_fd
+
+    @property
+    def name(self) -> str:
+        """The file's name for messages: its path, or a file object's ``name``."""
+        if self._name is None:
+            self._name = _object_name(self.f)
+        return self._name
 
     @property
     def is_path(self) -> bool:
@@ -472,10 +480,11 @@ def _is_index(path: str, head: bytes) -> bool:
 
 def _resolve_path(f: Any) -> Source:
     p = fspath(f)
-    if os.path.isdir(p):
-        return Source(DIRECTORY, f, p)
-    fd, st = open_path(p)
+    fd, st = open_path(p)  # a directory opens too: one open and one fstat tell all
     try:
+        if stat.S_ISDIR(st.st_mode):
+            os.close(fd)
+            return Source(DIRECTORY, f, p)
         if not stat.S_ISREG(st.st_mode):
             return Source(LEGACY, f, p, fd=fd)  # a device: torch reads it by path
         head = os.pread(fd, SNIFF_BYTES, 0)
@@ -506,8 +515,9 @@ def _size_from(f: Any, pos: int) -> Optional[int]:
     """The bytes from pos to the end of a seekable file object, or None when its seek
     takes no ``whence`` or does not say; the position is left at pos."""
     try:
-        f.seek(0, io.SEEK_END)
-        end = f.tell()
+        end = f.seek(0, io.SEEK_END)
+        if not _is_int(end):  # some wrappers' seek() returns None: tell() says
+            end = f.tell()
     except Exception:  # noqa: BLE001 - a minimal seek(pos): the size stays unknown
         end = None
     f.seek(pos)
@@ -535,32 +545,31 @@ def _descriptor_for(f: Any, head: bytes, pos: int, size: Optional[int]) -> Optio
 
 
 def _resolve_object(f: Any) -> Source:
-    name = _object_name(f)
     if not callable(getattr(f, "read", None)):
-        return Source(FILEOBJ, f, name)  # torch refuses it in its own words
+        return Source(FILEOBJ, f)  # torch refuses it in its own words
     # "seekable" as torch decides it (_check_seekable): seek(tell()) works. seekable()
     # alone is not asked: research code passes minimal file-likes without it.
     try:
         pos = f.tell()
         f.seek(pos)
     except (io.UnsupportedOperation, AttributeError, OSError):
-        return Source(STREAM, f, name)
+        return Source(STREAM, f)
     except Exception:  # noqa: BLE001 - a closed file, a broken object: torch says what
-        return Source(FILEOBJ, f, name)
+        return Source(FILEOBJ, f)
     if not _is_int(pos):
-        return Source(FILEOBJ, f, name)  # a tell() without a position: torch decides
+        return Source(FILEOBJ, f)  # a tell() without a position: torch decides
     try:
         head = f.read(SNIFF_BYTES)
     except Exception:  # noqa: BLE001 - torch's reads fail the same way, in its words
         head = None
     f.seek(pos)
     if not isinstance(head, (bytes, bytearray, memoryview)):
-        return Source(FILEOBJ, f, name, pos=pos)
+        return Source(FILEOBJ, f, None, pos=pos)
     head = bytes(head)
     if not looks_like_safetensors(head):
-        return Source(FILEOBJ, f, name, head=head, pos=pos)
+        return Source(FILEOBJ, f, None, head=head, pos=pos)
     size = _size_from(f, pos)
-    return Source(FILEOBJ_SAFETENSORS, f, name, head=head, pos=pos, size=size,
+    return Source(FILEOBJ_SAFETENSORS, f, None, head=head, pos=pos, size=size,
                   map_fd=_descriptor_for(f, head, pos, size))
 
 
