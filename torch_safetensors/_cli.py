@@ -208,7 +208,6 @@ class _Watcher:
 
 # ---- what a path holds, when it is not safetensors ----
 
-_PRE16_HEAD = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
 _LEGACY_SHARD = re.compile(r"pytorch_model(-\d{5,}-of-\d{5,})?\.bin")
 LEGACY_INDEX = "pytorch_model.bin.index.json"
 
@@ -233,15 +232,7 @@ def legacy_kind(path: str) -> Optional[str]:
         return None
     if size < 0 or _C.sniff(head[:4096], size):
         return None
-    if head.startswith(b"PK\x03\x04"):
-        return "a legacy PyTorch checkpoint (torch.save's zip format)"
-    if head.startswith(_PRE16_HEAD):
-        return "a legacy PyTorch checkpoint (the pre-1.6 pickle format)"
-    if head[257:262] == b"ustar":
-        return "a legacy PyTorch checkpoint (the tar format of torch < 0.4)"
-    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
-        return "a pickle file"
-    return None
+    return _source.describe_head(head)
 
 
 def legacy_shards(path: str) -> Optional[Tuple[Optional[str], List[str]]]:

@@ -444,11 +444,11 @@ def describe_head(head: bytes) -> Optional[str]:
     """What a file that is not safetensors is, by its first bytes, when it is one of
     torch's formats (or a pickle); None otherwise."""
     if head[:4] == b"PK\x03\x04":
-        return "a PyTorch checkpoint in torch.save's zip format"
+        return "a legacy PyTorch checkpoint (torch.save's zip format)"
     if head.startswith(_PRE16_MAGIC) or head.startswith(b"L%d" % _PRE16_NUMBER):
-        return "a PyTorch checkpoint in the pre-1.6 pickle format"
+        return "a legacy PyTorch checkpoint (the pre-1.6 pickle format)"
     if head[257:262] == b"ustar":
-        return "a PyTorch checkpoint in the tar format of torch < 0.4"
+        return "a legacy PyTorch checkpoint (the tar format of torch < 0.4)"
     if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
         return "a pickle file"
     return None
