@@ -13,6 +13,7 @@ static PyObject *steal_handles_fn;  /* torch._C._aoti.alloc_tensors_by_stealing_
 static PyObject *make_handles_fn;   /* torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors */
 static PyObject *tensor_type;       /* torch.Tensor */
 
+/* Creates the module's exception types and adds them to the module (PyInit__C). */
 int st_py_errors_register(PyObject *m)
 {
     PyObject *code = NULL;
@@ -39,6 +40,7 @@ int st_py_errors_register(PyObject *m)
     return bad ? -1 : 0;
 }
 
+/* Keeps the torch objects that init() received; a later init() replaces them. */
 void st_py_set_torch(PyObject *steal, PyObject *make, PyObject *ttype)
 {
     Py_XSETREF(steal_handles_fn, steal == Py_None ? NULL : Py_NewRef(steal));
@@ -46,21 +48,25 @@ void st_py_set_torch(PyObject *steal, PyObject *make, PyObject *ttype)
     Py_XSETREF(tensor_type, Py_NewRef(ttype));
 }
 
+/* torch.Tensor, or NULL before init() (borrowed). */
 PyObject *st_py_tensor_type(void)
 {
     return tensor_type;
 }
 
+/* The tensors -> handles function of torch 2.11-2.13, or NULL (borrowed). */
 PyObject *st_py_make_handles_fn(void)
 {
     return make_handles_fn;
 }
 
+/* The handles -> tensors function of torch 2.11-2.13, or NULL (borrowed). */
 PyObject *st_py_steal_handles_fn(void)
 {
     return steal_handles_fn;
 }
 
+/* SharedMemoryError (borrowed). */
 PyObject *st_py_shared_memory_error(void)
 {
     return SharedMemoryError;
