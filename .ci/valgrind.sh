@@ -79,7 +79,7 @@ import re
 import sys
 
 out, vg_rc, pytest_rc, elapsed = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-OURS = re.compile(r"csrc/(module|st_engine|st_file|st_aten)\.c|torch_safetensors/_C\.cpython")
+OURS = re.compile(r"csrc/(module|st_binding|st_write|legacy_module|st_pickle|st_hash|st_engine|st_file|st_aten)\.c|torch_safetensors/_C\.cpython")
 
 def read_records(path):
     records, cur = [], []

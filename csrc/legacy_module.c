@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "st_binding.h"
 #include "st_file.h"
 #include "st_pickle.h"
 

@@ -11,7 +11,4 @@
 /* Adds legacy_init and legacy_load to the module. Returns 0, or -1 with an exception. */
 int st_legacy_register(PyObject *module);
 
-/* module.c: turns n handles into a list of tensors (consumes the handles). */
-PyObject *st_py_wrap_handles(st_tensor *h, Py_ssize_t n);
-
 #endif

@@ -1,5 +1,5 @@
-/* module.c: the Python face of the C core: the Reader and Mapping types, save,
- * and the one place where engine, file and ATen errors become Python exceptions. */
+/* module.c: the Python face of the C core: the Reader and Mapping types and the module's
+ * functions; it registers st_write.c and legacy_module.c. Errors go through st_binding.c. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "st_aten.h"
+#include "st_binding.h"
 #include "st_engine.h"
 #include "st_file.h"
 #include "legacy_module.h"
@@ -25,128 +26,7 @@
 
 /* ---- module state ---- */
 
-static PyObject *SafetensorError;   /* subclass of ValueError */
-static PyObject *SharedMemoryError; /* subclass of RuntimeError: tensors to save overlap */
-static PyObject *steal_handles_fn;  /* torch._C._aoti.alloc_tensors_by_stealing_from_void_ptrs */
-static PyObject *make_handles_fn;   /* torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors */
-static PyObject *tensor_type;       /* torch.Tensor */
 static int zero_copy_enabled = 1;   /* cleared to force the frombuffer fallback */
-
-/* ---- errors ---- */
-
-static const char *code_name(st_code code)
-{
-    switch (code) {
-    case ST_ERR_TOO_SMALL: return "too_small";
-    case ST_ERR_HEADER_TOO_LARGE: return "header_too_large";
-    case ST_ERR_HEADER_PAST_END: return "header_past_end";
-    case ST_ERR_UTF8: return "utf8";
-    case ST_ERR_JSON: return "json";
-    case ST_ERR_SCHEMA: return "schema";
-    case ST_ERR_DUPLICATE: return "duplicate";
-    case ST_ERR_DEPTH: return "depth";
-    case ST_ERR_DTYPE: return "dtype";
-    case ST_ERR_OFFSETS: return "offsets";
-    case ST_ERR_OVERFLOW: return "overflow";
-    case ST_ERR_MISALIGNED: return "misaligned";
-    case ST_ERR_SIZE_MISMATCH: return "size_mismatch";
-    case ST_ERR_FILE_LENGTH: return "file_length";
-    case ST_ERR_INVALID_ARGUMENT: return "invalid_argument";
-    default: return "error";
-    }
-}
-
-/* Raises SafetensorError with its attributes: code (a short rule name), tensor
- * (the name, or None) and position (a byte offset, or None). Steals msg. */
-static PyObject *raise_safetensor(PyObject *msg, const char *code, PyObject *tensor,
-                                  int64_t pos)
-{
-    PyObject *exc = NULL, *tmp = NULL;
-    if (!msg)
-        return NULL;
-    exc = PyObject_CallOneArg(SafetensorError, msg);
-    if (!exc)
-        goto done;
-    tmp = PyUnicode_FromString(code);
-    if (!tmp || PyObject_SetAttrString(exc, "code", tmp) < 0)
-        goto done;
-    Py_CLEAR(tmp);
-    if (PyObject_SetAttrString(exc, "tensor", tensor ? tensor : Py_None) < 0)
-        goto done;
-    tmp = pos >= 0 ? PyLong_FromLongLong(pos) : Py_NewRef(Py_None);
-    if (!tmp || PyObject_SetAttrString(exc, "position", tmp) < 0)
-        goto done;
-    PyErr_SetObject(SafetensorError, exc);
-done:
-    Py_XDECREF(tmp);
-    Py_XDECREF(exc);
-    Py_DECREF(msg);
-    return NULL;
-}
-
-/* Raises SafetensorError about one tensor, with a printf-style message. */
-static PyObject *raise_tensor_error(const char *code, PyObject *name, const char *fmt, ...)
-{
-    va_list ap;
-    PyObject *detail, *msg;
-    if (!name)
-        return NULL;
-    va_start(ap, fmt);
-    detail = PyUnicode_FromFormatV(fmt, ap);
-    va_end(ap);
-    if (!detail)
-        return NULL;
-    msg = PyUnicode_FromFormat("tensor %R: %U", name, detail);
-    Py_DECREF(detail);
-    return raise_safetensor(msg, code, name, -1);
-}
-
-/* Raises SafetensorError (or MemoryError) from an engine error. The message
- * names the tensor and the byte position when they are known. */
-static PyObject *raise_st(const st_error *err, const char *context)
-{
-    PyObject *msg, *name = NULL;
-    if (err->code == ST_ERR_NOMEM)
-        return PyErr_NoMemory();
-    if (err->tensor_len || err->tensor[0]) {
-        name = PyUnicode_DecodeUTF8(err->tensor, (Py_ssize_t)err->tensor_len, "replace");
-        if (!name)
-            return NULL;
-    }
-    if (name && err->pos >= 0)
-        msg = PyUnicode_FromFormat("%s: tensor %R: %s (at byte %lld)", context, name,
-                                   err->message, (long long)err->pos);
-    else if (name)
-        msg = PyUnicode_FromFormat("%s: tensor %R: %s", context, name, err->message);
-    else if (err->pos >= 0)
-        msg = PyUnicode_FromFormat("%s: %s (at byte %lld)", context, err->message,
-                                   (long long)err->pos);
-    else
-        msg = PyUnicode_FromFormat("%s: %s", context, err->message);
-    raise_safetensor(msg, code_name(err->code), name, err->pos);
-    Py_XDECREF(name);
-    return NULL;
-}
-
-static PyObject *raise_errno(int saved_errno, PyObject *path)
-{
-    errno = saved_errno;
-    if (path)
-        return PyErr_SetFromErrnoWithFilenameObject(PyExc_OSError, path);
-    return PyErr_SetFromErrno(PyExc_OSError);
-}
-
-/* A failed ATen call: torch's own message when the ABI offers it. */
-static PyObject *raise_aten(PyObject *type, const char *what, PyObject *name)
-{
-    const char *detail = st_aten.last_error ? st_aten.last_error() : NULL;
-    if (name)
-        PyErr_Format(type, "%s for tensor %R%s%s", what, name, detail ? ": " : "",
-                     detail ? detail : "");
-    else
-        PyErr_Format(type, "%s%s%s", what, detail ? ": " : "", detail ? detail : "");
-    return NULL;
-}
 
 /* ---- Mapping: a buffer-exporting view of a blob (the frombuffer fallback) ---- */
 
@@ -205,71 +85,6 @@ static PyTypeObject Mapping_Type = {
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "A private, writable mapping of a validated safetensors file.",
 };
-
-/* ---- handles to Python tensors ---- */
-
-/* Converts n handles into a list of tensors. The handles are consumed (set to
- * NULL) whatever the outcome, except when torch fails after taking ownership. */
-static PyObject *wrap_handles(st_tensor *h, Py_ssize_t n)
-{
-    PyObject *list = NULL, *caps = NULL;
-    if (st_aten.to_pyobject) {
-        list = PyList_New(n);
-        if (!list)
-            goto error;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            void *obj = NULL;
-            if (st_aten.to_pyobject(h[i], NULL, &obj) != 0 || !obj) {
-                if (!PyErr_Occurred())
-                    raise_aten(PyExc_RuntimeError, "could not wrap a tensor", NULL);
-                goto error;
-            }
-            PyList_SET_ITEM(list, i, (PyObject *)obj);
-            st_aten.delete_tensor(h[i]);
-            h[i] = NULL;
-        }
-        return list;
-    }
-    if (!steal_handles_fn) {
-        PyErr_SetString(PyExc_RuntimeError, "torch offers no way to wrap tensor handles");
-        goto error;
-    }
-    caps = PyList_New(n);
-    if (!caps)
-        goto error;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *cap = PyCapsule_New(h[i], NULL, NULL);
-        if (!cap)
-            goto error;
-        PyList_SET_ITEM(caps, i, cap);
-    }
-    list = PyObject_CallOneArg(steal_handles_fn, caps);
-    Py_DECREF(caps);
-    caps = NULL;
-    /* torch owns the handles from here; on failure some may leak, never double-free */
-    for (Py_ssize_t i = 0; i < n; i++)
-        h[i] = NULL;
-    if (list && (!PyList_Check(list) || PyList_GET_SIZE(list) != n)) {
-        Py_DECREF(list);
-        PyErr_SetString(PyExc_RuntimeError, "torch returned an unexpected tensor list");
-        return NULL;
-    }
-    return list;
-error:
-    Py_XDECREF(list);
-    Py_XDECREF(caps);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (h[i])
-            st_aten.delete_tensor(h[i]);
-        h[i] = NULL;
-    }
-    return NULL;
-}
-
-PyObject *st_py_wrap_handles(st_tensor *h, Py_ssize_t n)
-{
-    return wrap_handles(h, n);
-}
 
 /* ---- Reader: a validated file and its table ---- */
 
@@ -426,13 +241,13 @@ static int Reader_open_fd(Reader *r, int fd, int owned, int use_mmap)
         else if (sys_errno == ENOMEM)
             PyErr_NoMemory();
         else if (sys_errno == ENODATA)
-            raise_safetensor(PyUnicode_FromString(
+            st_py_raise_safetensor(PyUnicode_FromString(
                                  "invalid safetensors file: the file shrank while being read"),
                              "truncated", NULL, -1);
         else if (sys_errno)
-            raise_errno(sys_errno, r->path);
+            st_py_raise_errno(sys_errno, r->path);
         else
-            raise_st(&err, "invalid safetensors file");
+            st_py_raise_st(&err, "invalid safetensors file");
         return -1;
     }
     r->fd = owned ? fd : -1;
@@ -462,7 +277,7 @@ static int Reader_open_path(Reader *r, PyObject *path, int use_mmap)
         return -1;
     }
     if (fd < 0) {
-        raise_errno(errno, r->path);
+        st_py_raise_errno(errno, r->path);
         return -1;
     }
     return Reader_open_fd(r, fd, 1, use_mmap);
@@ -478,7 +293,7 @@ static int Reader_open_buffer(Reader *r, PyObject *data)
     rc = st_parse(r->view.buf, (size_t)r->view.len, &r->table, &err);
     Py_END_ALLOW_THREADS
     if (rc != ST_OK) {
-        raise_st(&err, "invalid safetensors data");
+        st_py_raise_st(&err, "invalid safetensors data");
         return -1;
     }
     r->file_size = (uint64_t)r->view.len;
@@ -608,7 +423,7 @@ static const st_entry *Reader_lookup(Reader *r, PyObject *name)
         return NULL;
     i = st_find(&r->table, s, (size_t)len);
     if (i < 0) {
-        raise_safetensor(PyUnicode_FromFormat("no tensor named %R", name), "missing", name, -1);
+        st_py_raise_safetensor(PyUnicode_FromFormat("no tensor named %R", name), "missing", name, -1);
         return NULL;
     }
     return &r->table.entries[i];
@@ -654,7 +469,7 @@ static int torch_shape(const Reader *r, const st_entry *e, int64_t *sizes, int64
     for (size_t d = 0; d < e->ndim; d++) {
         uint64_t v = r->table.dims[e->dims_off + d];
         if (v > INT64_MAX) {
-            raise_tensor_error("shape", name, "dimension %llu is too large for torch",
+            st_py_raise_tensor_error("shape", name, "dimension %llu is too large for torch",
                                (unsigned long long)v);
             return -1;
         }
@@ -662,7 +477,7 @@ static int torch_shape(const Reader *r, const st_entry *e, int64_t *sizes, int64
     }
     if (e->dtype == ST_F4) {
         if (e->ndim == 0 || sizes[e->ndim - 1] % 2) {
-            raise_tensor_error("shape", name,
+            st_py_raise_tensor_error("shape", name,
                                "F4 needs an even last dimension to become torch's "
                                "float4_e2m1fn_x2 (two values per byte)");
             return -1;
@@ -677,7 +492,7 @@ static int torch_shape(const Reader *r, const st_entry *e, int64_t *sizes, int64
             /* the strides of an empty tensor can overflow even though it has no bytes */
             if ((uint64_t)sizes[d] != 0 && (next / (uint64_t)sizes[d] != stride ||
                                              next > INT64_MAX)) {
-                raise_tensor_error("shape", name, "the shape is too large for torch");
+                st_py_raise_tensor_error("shape", name, "the shape is too large for torch");
                 return -1;
             }
             stride = next;
@@ -728,7 +543,7 @@ static PyObject *Reader_build(Reader *r, const st_entry **es, Py_ssize_t n, int 
         if (!name)
             goto error;
         if (dtype < 0) {
-            raise_tensor_error("dtype", name,
+            st_py_raise_tensor_error("dtype", name,
                                "dtype %s has no torch equivalent in this version of torch",
                                st_dtype_name(e->dtype));
             goto error;
@@ -760,7 +575,7 @@ static PyObject *Reader_build(Reader *r, const st_entry **es, Py_ssize_t n, int 
         }
         if (rc != 0) {
             h[i] = NULL;
-            raise_aten(PyExc_RuntimeError, "torch could not create the tensor", name);
+            st_py_raise_aten(PyExc_RuntimeError, "torch could not create the tensor", name);
             goto error;
         }
         Py_CLEAR(name);
@@ -786,15 +601,15 @@ static PyObject *Reader_build(Reader *r, const st_entry **es, Py_ssize_t n, int 
     if (sys_errno) {
         if (sys_errno == ENODATA) {
             name = entry_name(r, es[failed_at]);
-            raise_tensor_error("truncated", name,
+            st_py_raise_tensor_error("truncated", name,
                                "the file is shorter than its header says: it was truncated "
                                "while being read");
         } else {
-            raise_errno(sys_errno, r->path);
+            st_py_raise_errno(sys_errno, r->path);
         }
         goto error;
     }
-    list = wrap_handles(h, n);
+    list = st_py_wrap_handles(h, n);
     PyMem_Free(h);
     h = NULL;
     goto done;
@@ -1008,38 +823,6 @@ static PyTypeObject Reader_Type = {
     .tp_new = Reader_new,
 };
 
-/* ---- for the binding files (st_write.c) ---- */
-
-PyObject *st_py_tensor_type(void)
-{
-    return tensor_type;
-}
-
-PyObject *st_py_make_handles_fn(void)
-{
-    return make_handles_fn;
-}
-
-PyObject *st_py_shared_memory_error(void)
-{
-    return SharedMemoryError;
-}
-
-PyObject *st_py_raise_aten(PyObject *type, const char *what, PyObject *name)
-{
-    return raise_aten(type, what, name);
-}
-
-PyObject *st_py_raise_errno(int saved_errno, PyObject *path)
-{
-    return raise_errno(saved_errno, path);
-}
-
-PyObject *st_py_raise_st(const st_error *err, const char *context)
-{
-    return raise_st(err, context);
-}
-
 /* ---- module functions ---- */
 
 static PyObject *mod_init(PyObject *self, PyObject *args, PyObject *kwds)
@@ -1061,9 +844,7 @@ static PyObject *mod_init(PyObject *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ImportError, msg);
         return NULL;
     }
-    Py_XSETREF(steal_handles_fn, steal == Py_None ? NULL : Py_NewRef(steal));
-    Py_XSETREF(make_handles_fn, make == Py_None ? NULL : Py_NewRef(make));
-    Py_XSETREF(tensor_type, Py_NewRef(ttype));
+    st_py_set_torch(steal, make, ttype);
     return Py_BuildValue("{s:O,s:O,s:O,s:O}", "aten", st_aten.ready ? Py_True : Py_False,
                          "from_blob", st_aten.from_blob ? Py_True : Py_False, "to_pyobject",
                          st_aten.to_pyobject ? Py_True : Py_False, "from_pyobject",
@@ -1081,7 +862,7 @@ static PyObject *mod_plain_flat(PyObject *self, PyObject *obj)
     PyObject *snap, *result = Py_False;
     Py_ssize_t n;
     (void)self;
-    if (!PyDict_Check(obj) || !tensor_type)
+    if (!PyDict_Check(obj) || !st_py_tensor_type())
         Py_RETURN_FALSE;
     if (!PyDict_CheckExact(obj) && (PyObject *)Py_TYPE(obj) != ordered_dict_type)
         Py_RETURN_FALSE;
@@ -1095,7 +876,7 @@ static PyObject *mod_plain_flat(PyObject *self, PyObject *obj)
         PyObject *kv = PyList_GET_ITEM(snap, i);
         PyObject *k = PyTuple_GET_ITEM(kv, 0), *v = PyTuple_GET_ITEM(kv, 1), *grad;
         int set;
-        if (!PyUnicode_CheckExact(k) || (PyObject *)Py_TYPE(v) != tensor_type)
+        if (!PyUnicode_CheckExact(k) || (PyObject *)Py_TYPE(v) != st_py_tensor_type())
             goto done;
         grad = PyObject_GetAttr(v, str_requires_grad);
         if (!grad) {
@@ -1152,7 +933,7 @@ static PyObject *mod_write_atomic(PyObject *self, PyObject *args, PyObject *kwds
     PyBuffer_Release(&data);
     Py_DECREF(encoded);
     if (sys_errno) {
-        raise_errno(sys_errno, fspath);
+        st_py_raise_errno(sys_errno, fspath);
         Py_DECREF(fspath);
         return NULL;
     }
@@ -1175,7 +956,7 @@ static PyObject *mod_zero_copy(PyObject *self, PyObject *unused)
     (void)self;
     (void)unused;
     return PyBool_FromLong(zero_copy_enabled && st_aten.ready && st_aten.from_blob &&
-                           (st_aten.to_pyobject || steal_handles_fn));
+                           (st_aten.to_pyobject || st_py_steal_handles_fn()));
 }
 
 static PyObject *mod_sniff(PyObject *self, PyObject *args)
@@ -1260,29 +1041,8 @@ PyMODINIT_FUNC PyInit__C(void)
         return NULL;
     if (PyType_Ready(&Mapping_Type) < 0 || PyType_Ready(&Reader_Type) < 0)
         goto error;
-    SafetensorError = PyErr_NewExceptionWithDoc(
-        "torch_safetensors.SafetensorError",
-        "A safetensors file or buffer is malformed; the message says which rule failed.",
-        PyExc_ValueError, NULL);
-    if (!SafetensorError || PyModule_AddObjectRef(m, "SafetensorError", SafetensorError) < 0)
+    if (st_py_errors_register(m) < 0)
         goto error;
-    SharedMemoryError = PyErr_NewExceptionWithDoc(
-        "torch_safetensors.SharedMemoryError",
-        "Tensors given to save_file share memory; they would load back as separate copies.",
-        PyExc_RuntimeError, NULL);
-    if (!SharedMemoryError ||
-        PyModule_AddObjectRef(m, "SharedMemoryError", SharedMemoryError) < 0)
-        goto error;
-    /* defaults, so every SafetensorError has code, tensor and position */
-    {
-        PyObject *code = PyUnicode_FromString("error");
-        int bad = !code || PyObject_SetAttrString(SafetensorError, "code", code) < 0 ||
-                  PyObject_SetAttrString(SafetensorError, "tensor", Py_None) < 0 ||
-                  PyObject_SetAttrString(SafetensorError, "position", Py_None) < 0;
-        Py_XDECREF(code);
-        if (bad)
-            goto error;
-    }
     str_requires_grad = PyUnicode_InternFromString("requires_grad");
     if (!str_requires_grad)
         goto error;

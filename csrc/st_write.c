@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "st_aten.h"
+#include "st_binding.h"
 #include "st_engine.h"
 #include "st_file.h"
 #include "st_write.h"

@@ -11,19 +11,4 @@
  * Returns 0, or -1 with an exception set. */
 int st_write_register(PyObject *module);
 
-/* ---- provided by module.c, the one place errors become exceptions ---- */
-
-/* torch.Tensor once init() ran, else NULL (borrowed). */
-PyObject *st_py_tensor_type(void);
-/* torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors, or NULL (borrowed). */
-PyObject *st_py_make_handles_fn(void);
-/* SharedMemoryError (borrowed). */
-PyObject *st_py_shared_memory_error(void);
-/* Raises type with torch's last message; returns NULL. */
-PyObject *st_py_raise_aten(PyObject *type, const char *what, PyObject *name);
-/* Raises OSError from an errno (with path when not NULL); returns NULL. */
-PyObject *st_py_raise_errno(int saved_errno, PyObject *path);
-/* Raises SafetensorError (or MemoryError) from an engine error; returns NULL. */
-PyObject *st_py_raise_st(const st_error *err, const char *context);
-
 #endif
