@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ctypes
+import operator
 import os
 import warnings
 from collections import defaultdict
@@ -20,6 +21,7 @@ BACKENDS = ("mmap", "pread")
 
 __all__ = [
     "SafetensorError",
+    "SliceIndexError",
     "TensorSpec",
     "UnsupportedTensorError",
     "deserialize",
@@ -51,11 +53,37 @@ UnsupportedTensorError.__module__ = "torch_safetensors"
 
 
 def _as_dict(tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The tensors to save, refused with the ``safetensors`` package's messages (code and
+    tests match on them) where it has one: not a dict, a value that is not a tensor, a
+    sparse (non-strided) tensor, a meta tensor."""
     if isinstance(tensors, dict):
-        return tensors
-    if isinstance(tensors, Mapping):
-        return dict(tensors)
-    raise UnsupportedTensorError(f"expected a dict of str to Tensor, got {type(tensors).__name__}")
+        out = tensors
+    elif isinstance(tensors, Mapping):
+        out = dict(tensors)
+    else:
+        raise UnsupportedTensorError(f"Expected a dict of [str, torch.Tensor] but received {type(tensors)}")
+    sparse = []
+    meta = []
+    for name, t in out.items():
+        if not isinstance(t, torch.Tensor):
+            raise UnsupportedTensorError(f"Key `{name}` is invalid, expected torch.Tensor but received {type(t)}")
+        if t.layout != torch.strided:
+            sparse.append(name)
+        elif t.is_meta:
+            meta.append(name)
+    if sparse:
+        raise UnsupportedTensorError(
+            f"You are trying to save a sparse tensors: `{sparse}` which this library does not support."
+            " You can make it a dense tensor before saving with `.to_dense()` but be aware this might"
+            " make a much larger file than needed."
+        )
+    if meta:
+        raise UnsupportedTensorError(
+            f"Cannot copy out of meta tensor; no data! Tensor {meta[0]!r} is on the meta device and "
+            "has no data to save; materialize it first (for example with .to_empty(device='cpu') "
+            "and an initializer)"
+        )
+    return out
 
 
 def _c_save(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]], *path: str,
@@ -70,6 +98,18 @@ def _c_save(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]]
         if type(e) is not TypeError:
             raise
         raise UnsupportedTensorError(str(e)) from None
+
+
+def _reader(filename: FILE_PATH, use_mmap: bool) -> "_C.Reader":
+    """Opens a file for reading; a missing file raises ``FileNotFoundError`` with the
+    ``safetensors`` package's message ("No such file or directory: NAME")."""
+    path = os.fspath(filename)
+    try:
+        return _C.Reader(path, mmap=use_mmap)
+    except FileNotFoundError as e:
+        err = FileNotFoundError(f"No such file or directory: {os.fsdecode(path)}")
+        err.errno = e.errno  # str() stays the message: OSError formats only with strerror set
+        raise err from None
 
 
 def _check_backend(backend: str) -> bool:
@@ -192,7 +232,7 @@ def load_file(filename: FILE_PATH, device: DEVICE = "cpu", *, backend: str = "mm
     """
     use_mmap = _check_backend(backend)
     build, dev = _core.resolve_device(device)
-    reader = _C.Reader(os.fspath(filename), mmap=use_mmap)
+    reader = _reader(filename, use_mmap)
     try:
         return _core.move(_core.build(reader, None, build), dev)
     finally:
@@ -233,6 +273,53 @@ def _to_framework(t: torch.Tensor, framework: str) -> Any:
     return t
 
 
+class SliceIndexError(SafetensorError, IndexError):
+    """An integer index out of range in ``get_slice(...)[...]``: a ``SafetensorError``
+    with the ``safetensors`` package's message, and an ``IndexError`` as torch raises."""
+
+
+SliceIndexError.__module__ = "torch_safetensors"
+
+
+def _index_text(part: Any) -> str:
+    """One index as the package's messages print it ("2:", ":20", "3")."""
+    if isinstance(part, slice):
+        text = ("" if part.start is None else str(part.start)) + ":" + ("" if part.stop is None else str(part.stop))
+        return text if part.step is None else f"{text}:{part.step}"
+    return "..." if part is Ellipsis else str(part)
+
+
+def _check_indices(index: Any, shape: Tuple[int, ...]) -> None:
+    """Refuses an integer index outside its dimension as the ``safetensors`` package
+    does (``SliceIndexError``), before any byte is read; torch checks the rest."""
+    parts = index if isinstance(index, tuple) else (index,)
+    placed = [p for p in parts if p is not None]  # None adds a dimension and takes none
+    cut = next((i for i, p in enumerate(placed) if p is Ellipsis), None)
+    if cut is None:
+        dims = list(enumerate(placed))
+    else:
+        after = placed[cut + 1:]
+        dims = list(enumerate(placed[:cut])) + [(len(shape) - len(after) + i, p) for i, p in enumerate(after)]
+    if len(dims) > len(shape):
+        return  # too many indices: torch's own error
+    for dim, part in dims:
+        if isinstance(part, (bool, torch.Tensor)):
+            continue
+        try:
+            i = operator.index(part)  # ints and numpy integers; not slices, lists, arrays
+        except TypeError:
+            continue
+        size = shape[dim]
+        if i < -size:
+            raise SliceIndexError(f"Invalid index {i} for dimension {dim} of size {size}")
+        if i >= size:
+            shown = ", ".join(_index_text(p) for p in parts)
+            raise SliceIndexError(
+                f"Error during slicing [{shown}] with shape {list(shape)}: index {i} out of bounds "
+                f"for tensor dimension #{dim} of size {size}"
+            )
+
+
 class _Slice:
     """A lazily sliced tensor of an open file: only the indexed bytes are read."""
 
@@ -255,6 +342,7 @@ class _Slice:
         return self._shape[0]
 
     def __getitem__(self, index: Any) -> Any:
+        _check_indices(index, self._shape)
         owner = self._owner
         full = _core.build(owner._open(), [self._name], owner._build)[self._name]
         part = full[index]
@@ -302,7 +390,7 @@ class safe_open:
         self._build, self._dev = _core.resolve_device(device)
         if fw == "np" and (self._dev is not None or self._build != "cpu"):
             raise ValueError(f"framework {framework!r} gives CPU arrays; device {device!r} is not available")
-        self._reader = _C.Reader(os.fspath(filename), mmap=use_mmap)
+        self._reader = _reader(filename, use_mmap)
 
     def _open(self) -> "_C.Reader":
         if self._reader.closed:
@@ -655,6 +743,14 @@ class TensorSpec:
         return f"TensorSpec(dtype={self._dtype!r}, shape={self._shape}, data_len={self._len})"
 
 
+class _SpecError(SafetensorError, UnsupportedTensorError):
+    """A value of serialize's dict that is not a tensor spec: the package raised
+    SafetensorError before 0.8 and TypeError since; this is both."""
+
+
+_SpecError.__module__ = "torch_safetensors"
+
+
 def _spec_tensor(name: str, spec: Any, keep: List[Any]) -> torch.Tensor:
     """A CPU tensor over the bytes a spec describes (zero-copy)."""
     if isinstance(spec, TensorSpec):
@@ -668,9 +764,10 @@ def _spec_tensor(name: str, spec: Any, keep: List[Any]) -> torch.Tensor:
         raw = memoryview(spec["data"]).cast("B")
         nbytes = raw.nbytes
     else:
-        raise UnsupportedTensorError(
+        raise _SpecError(
             f"tensor {name!r}: expected a TensorSpec or a dict with dtype, shape and data, "
             f"got {type(spec).__name__}"
+            + (f" without {sorted({'dtype', 'shape', 'data'} - set(spec))}" if isinstance(spec, Mapping) else "")
         )
     dtype = _core.DTYPES.get(code)
     if dtype is None:
