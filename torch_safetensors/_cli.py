@@ -35,6 +35,7 @@ EXIT_USAGE = 2  # bad arguments
 EXIT_IO = 3  # not found, unreadable, unwritable
 EXIT_REFUSED = 4  # a legacy file the weights_only unpickler refused: never run
 EXIT_INTERRUPTED = 130
+EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader left
 
 _STATUS_LINES = {
     0: "  0  success",
@@ -46,14 +47,16 @@ _STATUS_LINES = {
        "     load, because it would run code or is not a plain weights file; nothing in it\n"
        "     was executed",
     130: "  130 interrupted (Ctrl-C)",
+    141: "  141 the output was closed early (for example by | head): the command stops\n"
+         "      quietly there, as other Unix tools do",
 }
 # what each subcommand can return, with its own wording where it differs
 _STATUSES = {
-    None: (0, 1, 2, 3, 4, 130),
-    "inspect": (0, 1, 2, 3, 130),
-    "convert": (0, 1, 2, 3, 4, 130),
-    "verify": (0, 1, 2, 3, 130),
-    "demo": (0, 1, 2, 3, 130),
+    None: (0, 1, 2, 3, 4, 130, 141),
+    "inspect": (0, 1, 2, 3, 130, 141),
+    "convert": (0, 1, 2, 3, 4, 130, 141),
+    "verify": (0, 1, 2, 3, 130, 141),
+    "demo": (0, 1, 2, 3, 130, 141),
 }
 _STATUS_OVERRIDES = {
     ("verify", 0): "  0  every FILE is valid",
@@ -1026,22 +1029,51 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: Optional[str] = None) ->
         prog: the program name shown in messages.
 
     Returns:
-        The exit status: 0 success, 1 invalid input, 2 usage, 3 I/O, 4 refused legacy file.
+        The exit status: 0 success, 1 invalid input, 2 usage, 3 I/O, 4 refused legacy
+        file, 130 interrupted, 141 output closed early (``| head``).
 
     Example:
         >>> main(["verify", "model.safetensors"])
         OK       model.safetensors (4 tensors, 1.00 MiB)
         0
     """
+    try:
+        return _main(argv, prog)
+    except BrokenPipeError:
+        return _output_closed()
+
+
+def _output_closed() -> int:
+    """The reader of our output went away (``... | head -1``): stop quietly, as Unix
+    tools do when SIGPIPE ends them. What is still buffered goes to /dev/null, so that
+    the interpreter's last flush does not report the broken pipe either."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError):  # stdout without a descriptor (tests): nothing to redirect
+        pass
+    return EXIT_PIPE
+
+
+def _main(argv: Optional[Sequence[str]], prog: Optional[str]) -> int:
     global _PROG
     _PROG = prog or _PROG
     parser = build_parser(_PROG)
     try:
         args = parser.parse_args(argv)
+        sys.stdout.flush()  # --help: a closed pipe shows here, not at exit
     except SystemExit as e:  # --help, or a usage error already reported
+        sys.stdout.flush()
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     try:
-        return int(args.run(args))
+        status = int(args.run(args))
+        sys.stdout.flush()  # a reader that left shows here, not at exit
+        return status
+    except BrokenPipeError:
+        raise
     except CLIError as e:
         _say(str(e))
         return e.status
