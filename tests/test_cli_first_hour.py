@@ -105,3 +105,102 @@ def test_closed_pipe_through_a_shell_head(pipe_files):
 def test_pipe_status_is_documented():
     text = _cli.build_parser().format_help()
     assert "141" in text and "| head" in text
+
+
+# ---- exit statuses and wording (3.7) ----
+
+
+def _two_checkpoints(d):
+    d.mkdir()
+    ts.save_file({"a": torch.zeros(1)}, str(d / "a.safetensors"))
+    ts.save_file({"b": torch.zeros(1)}, str(d / "b.safetensors"))
+
+
+def test_inspect_and_verify_agree_on_a_directory_of_several_checkpoints(cli, tmp_path):
+    _two_checkpoints(tmp_path / "multi")
+    p = cli("inspect", "multi")
+    assert p.returncode == _cli.EXIT_USAGE == 2
+    assert "several checkpoints (a.safetensors, b.safetensors); name the one to inspect" in p.stderr
+    p = cli("verify", "multi")
+    assert p.returncode == 2
+    assert p.stdout == "ERROR    multi: several checkpoints (a.safetensors, b.safetensors); name the one to verify\n"
+    assert "INVALID" not in p.stdout and "failed verification" not in p.stderr
+    assert "1 of 1 checkpoint is ambiguous (a directory of several checkpoints: name one)" in p.stderr
+    # naming one works for both
+    assert cli("inspect", "multi/a.safetensors").returncode == 0
+    assert cli("verify", "multi/a.safetensors", "multi/b.safetensors").returncode == 0
+
+
+def test_verify_says_a_missing_file_is_missing(cli):
+    p = cli("verify", "missing.pt")
+    assert p.returncode == _cli.EXIT_IO == 3
+    assert p.stdout == "ERROR    missing.pt: no such file or directory\n"
+    assert p.stderr == "torch-safetensors: error: 1 of 1 checkpoint is missing\n"
+
+
+def test_verify_summary_counts_each_kind_and_the_worst_status_wins(cli, tmp_path):
+    ts.save_file({"a": torch.zeros(3)}, str(tmp_path / "good.safetensors"))
+    (tmp_path / "bad.safetensors").write_bytes((tmp_path / "good.safetensors").read_bytes()[:-1])
+    _two_checkpoints(tmp_path / "multi")
+    p = cli("verify", "good.safetensors", "bad.safetensors", "gone1", "gone2", "multi")
+    assert p.returncode == _cli.EXIT_INVALID
+    assert p.stderr.strip() == ("torch-safetensors: error: 1 of 5 checkpoints failed verification; 2 are missing; "
+                                "1 is ambiguous (a directory of several checkpoints: name one)")
+    p = cli("verify", "good.safetensors", "gone1", "multi")
+    assert p.returncode == 2  # ambiguous before missing, as documented
+    assert "1 of 3 checkpoints is missing; 1 is ambiguous" in p.stderr
+
+
+def test_verify_ok_line_reads_right(cli, tmp_path):
+    ts.save_file({"a": torch.zeros(3)}, str(tmp_path / "one.safetensors"))
+    ts.save_file({"a": torch.zeros(3), "b": torch.zeros(1)}, str(tmp_path / "two.safetensors"))
+    p = cli("verify", "one.safetensors", "two.safetensors")
+    assert p.returncode == 0
+    one, two = p.stdout.splitlines()
+    assert one == ("OK       one.safetensors (1 tensor, 12 B; header and layout checked; tensor data not read: "
+                   "--data reads it)")
+    assert "(2 tensors, 16 B;" in two
+    assert "))" not in p.stdout and p.stdout.count("(") == p.stdout.count(")")
+
+
+def test_help_documents_the_rules(cli):
+    for command, fragment in (("inspect", "directory of several"), ("verify", "directory of several"),
+                              ("convert", "DST exists (--force replaces it)")):
+        p = cli(command, "--help")
+        section = p.stdout.split("exit status:")[1]
+        assert fragment in " ".join(section.split()), command
+
+
+@pytest.fixture
+def legacy(tmp_path):
+    src = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(3)}, src, format="pickle")
+    return src
+
+
+def test_convert_refuses_an_existing_destination_without_force(cli, tmp_path, legacy):
+    dst = tmp_path / "out.safetensors"
+    dst.write_bytes(b"precious")
+    p = cli("convert", "legacy.pt", "out.safetensors")
+    assert p.returncode == 2
+    assert p.stderr == ("torch-safetensors: error: out.safetensors already exists; pass --force to replace it "
+                        "(the new checkpoint replaces it only once it is complete)\n")
+    assert dst.read_bytes() == b"precious"
+    p = cli("convert", "legacy.pt", "out.safetensors", "--force")
+    assert p.returncode == 0, p.stderr
+    assert ts.load_file(str(dst))["w"].tolist() == [1.0, 1.0, 1.0]
+    # a fresh destination needs no --force
+    assert cli("convert", "legacy.pt", "new.safetensors").returncode == 0
+
+
+def test_convert_refuses_an_existing_sharded_checkpoint_without_force(cli, tmp_path, legacy):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    # an empty directory (or one without safetensors files) is fine
+    assert cli("convert", "legacy.pt", "ckpt", "--shard-size", "8").returncode == 0
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    p = cli("convert", "legacy.pt", "ckpt", "--shard-size", "8")
+    assert p.returncode == 2 and "ckpt already holds a safetensors checkpoint (model.safetensors)" in p.stderr
+    assert "--force" in p.stderr
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
+    assert cli("convert", "legacy.pt", "ckpt", "--shard-size", "8", "--force").returncode == 0

@@ -62,7 +62,12 @@ _STATUS_OVERRIDES = {
     ("verify", 0): "  0  every FILE is valid",
     ("verify", 1): "  1  at least one FILE is invalid (malformed, corrupt, a shard that disagrees\n"
                    "     with its index, or tensor data that does not match its checksum)",
-    ("verify", 3): "  3  none is invalid, but at least one is missing or unreadable",
+    ("verify", 2): "  2  none is invalid, but a FILE is a directory of several checkpoints (name\n"
+                   "     one, as for inspect), or the arguments are wrong",
+    ("verify", 3): "  3  none is invalid or ambiguous, but at least one is missing or unreadable",
+    ("inspect", 2): "  2  usage error: bad arguments, or FILE is a directory of several\n"
+                    "     checkpoints (name one)",
+    ("convert", 2): "  2  usage error: bad arguments, or DST exists (--force replaces it)",
     ("demo", 1): "  1  the demo's checks failed",
     ("inspect", 1): "  1  FILE is not a valid safetensors checkpoint (a legacy pickle checkpoint\n"
                     "     is named as such, with the command that converts it)",
@@ -371,8 +376,10 @@ def _describe(path: str, *, check: bool = False) -> Dict[str, Any]:
         raise legacy
     try:
         kind, resolved = _sharded.find_checkpoint(path)
-    except ValueError as e:
-        raise CLIError(str(e), EXIT_USAGE) from None
+    except ValueError as e:  # a directory of several checkpoints: name one (status 2, both commands)
+        command = "verify" if check else "inspect"
+        raise CLIError(str(e).replace("pass the one to load", f"name the one to {command}"),
+                       EXIT_USAGE) from None
     files: List[Dict[str, Any]] = []
     tensors: List[Dict[str, Any]] = []
     index = None
@@ -513,38 +520,66 @@ def _check_data(path: str) -> str:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """``verify FILE... [--data]``: one line per file; 0 only if all are valid."""
-    invalid = unreadable = 0
+    invalid = missing = unreadable = ambiguous = 0
     for path in args.files:
         try:
             desc = _describe(path, check=True)
             notes = [_check_data(f["path"]) for f in desc["files"]] if args.data else []
-        except (SafetensorError, CLIError, ValueError, TypeError) as e:
+        except CLIError as e:
+            if e.status == EXIT_USAGE:  # a directory of several checkpoints: status 2, as inspect
+                ambiguous += 1
+                _emit(f"ERROR    {_one_line(str(e))}")
+                continue
             invalid += 1
-            message = _one_line(str(e))
-            if message.startswith(f"{path}: "):
-                message = message[len(path) + 2:]  # the line already names the file
-            _emit(f"INVALID  {path}: {message}")
+            _emit(f"INVALID  {path}: {_without_path(_one_line(str(e)), path)}")
+            continue
+        except (SafetensorError, ValueError, TypeError) as e:
+            invalid += 1
+            _emit(f"INVALID  {path}: {_without_path(_one_line(str(e)), path)}")
             continue
         except OSError as e:
-            unreadable += 1
-            message = _os_message(e)
-            if message.startswith(f"{path}: "):
-                message = message[len(path) + 2:]
-            _emit(f"ERROR    {path}: {message}")
+            if isinstance(e, FileNotFoundError):
+                missing += 1
+            else:
+                unreadable += 1
+            _emit(f"ERROR    {path}: {_without_path(_os_message(e), path)}")
             continue
         what = (f"sharded, {len(desc['files'])} files, " if desc["index"] else "")
         if args.data:
             note = notes[0] if len(set(notes)) == 1 else "; ".join(
                 f"{os.path.basename(f['path'])}: {n}" for f, n in zip(desc["files"], notes))
         else:
-            note = "header and layout checked; tensor data not read (--data reads it)"
-        _emit(f"OK       {path} ({what}{desc['total_tensors']:,} tensors, {_human(desc['total_bytes'])}; {note})")
-    bad = invalid + unreadable
-    if bad:
-        _say(f"{bad} of {len(args.files)} checkpoint{'s' if len(args.files) > 1 else ''} "
-             f"failed verification")
-        return EXIT_INVALID if invalid else EXIT_IO
+            note = "header and layout checked; tensor data not read: --data reads it"
+        count = desc["total_tensors"]
+        _emit(f"OK       {path} ({what}{count:,} tensor{'s' if count != 1 else ''}, "
+              f"{_human(desc['total_bytes'])}; {note})")
+    if invalid or missing or unreadable or ambiguous:
+        _say(_verify_summary(len(args.files), invalid, missing, unreadable, ambiguous))
+        if invalid:
+            return EXIT_INVALID
+        return EXIT_USAGE if ambiguous else EXIT_IO
     return EXIT_OK
+
+
+def _without_path(message: str, path: str) -> str:
+    """A message without its leading "PATH: " (the line already names the file)."""
+    return message[len(path) + 2:] if message.startswith(f"{path}: ") else message
+
+
+def _verify_summary(total: int, invalid: int, missing: int, unreadable: int, ambiguous: int) -> str:
+    """verify's last line: what went wrong, by kind ("2 of 3 checkpoints failed
+    verification; 1 is missing")."""
+    parts = []
+    for count, one, many in ((invalid, "failed verification", "failed verification"),
+                             (missing, "is missing", "are missing"),
+                             (unreadable, "could not be read", "could not be read"),
+                             (ambiguous, "is ambiguous (a directory of several checkpoints: name one)",
+                              "are ambiguous (directories of several checkpoints: name one)")):
+        if count:
+            parts.append(f"{count} {one if count == 1 else many}")
+    first = parts[0].split(" ", 1)
+    parts[0] = f"{first[0]} of {total} checkpoint{'s' if total != 1 else ''} {first[1]}"
+    return "; ".join(parts)
 
 
 # ---- convert ----
@@ -718,6 +753,21 @@ def _load_legacy_shards(src: str) -> Dict[str, torch.Tensor]:
         raise _refused(src, e) from None
 
 
+def _refuse_to_replace(dst: str, force: bool) -> None:
+    """Without --force, convert never replaces a file or a sharded checkpoint at DST."""
+    if force or not os.path.lexists(dst):
+        return
+    if os.path.isdir(dst):
+        held = sorted(n for n in os.listdir(dst) if n.endswith((".safetensors", ".safetensors.index.json")))
+        if not held:
+            return  # an empty (or unrelated) directory: the shards go into it
+        what = f"{dst} already holds a safetensors checkpoint ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''})"
+    else:
+        what = f"{dst} already exists"
+    raise CLIError(f"{what}; pass --force to replace it (the new checkpoint replaces it only once "
+                   "it is complete)", EXIT_USAGE)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     """``convert SRC DST [--shard-size SIZE]``: a legacy checkpoint to safetensors, safely."""
     src, dst = args.src, args.dst
@@ -731,6 +781,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         # a Hugging Face checkpoint of pytorch_model-*.bin shards: a sharded safetensors one
         if os.path.exists(dst) and not os.path.isdir(dst):
             raise CLIError(f"{dst} is a file; a sharded checkpoint converts into a directory", EXIT_USAGE)
+        _refuse_to_replace(dst, args.force)
         sd = _load_legacy_shards(src)
         return _write_sharded(sd, src, dst, limit if limit is not None else _sharded.parse_size("5GB"),
                               args, "converting shards")
@@ -744,6 +795,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise CLIError(f"{dst} is a directory; give a file name, or use --shard-size to write a "
                        "sharded checkpoint into it", EXIT_USAGE)
 
+    _refuse_to_replace(dst, args.force)
     obj = _load_legacy(src)  # zip checkpoints are mapped: their bytes are read as they are written
     if limit is not None:
         return _write_sharded(obj, src, dst, limit, args, "converting")
@@ -982,6 +1034,8 @@ def build_parser(prog: str = _PROG) -> argparse.ArgumentParser:
                    help="write a Hugging Face sharded checkpoint into directory DST, with shards "
                         "of at most SIZE (e.g. 5GB, 500MB, 2GiB, or bytes; default for a sharded "
                         "SRC: 5GB); needs a state dict")
+    p.add_argument("--force", action="store_true",
+                   help="replace DST if it exists (without it, an existing DST is refused)")
     p.add_argument("--prefix", default="model",
                    help="file name stem of the shards (default: model)")
     p.add_argument("--checksums", action="store_true",
