@@ -204,3 +204,69 @@ def test_convert_refuses_an_existing_sharded_checkpoint_without_force(cli, tmp_p
     assert "--force" in p.stderr
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before
     assert cli("convert", "legacy.pt", "ckpt", "--shard-size", "8", "--force").returncode == 0
+
+
+# ---- checksums on every save path (3.6): verify --data says OK ----
+
+
+def _verify_data(cli, path):
+    p = cli("verify", "--data", path)
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    assert "recorded checksum" in p.stdout and "no checksums recorded" not in p.stdout, p.stdout
+    return p.stdout
+
+
+def _flip_last_byte(path):
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([b[0] ^ 0x01]))
+
+
+def _state(n=6, size=64):
+    torch.manual_seed(0)
+    return {f"layer.{i}.weight": torch.randn(size) for i in range(n)}
+
+
+def test_save_sharded_checksums(cli, tmp_path):
+    ts.save_sharded(_state(), tmp_path / "ckpt", max_shard_size=600, checksums=True)
+    shards = sorted(n for n in os.listdir(tmp_path / "ckpt") if n.endswith(".safetensors"))
+    assert len(shards) == 3
+    out = _verify_data(cli, "ckpt")
+    assert "sharded, 3 files, 6 tensors" in out and "data matches 2 recorded checksums" in out
+    _flip_last_byte(tmp_path / "ckpt" / shards[-1])
+    p = cli("verify", "--data", "ckpt")
+    assert p.returncode == _cli.EXIT_INVALID and "does not match the checksums" in p.stdout
+    # the default stays off, as for save_file
+    ts.save_sharded(_state(), tmp_path / "plain", max_shard_size=600)
+    assert "no checksums recorded" in cli("verify", "--data", "plain").stdout
+
+
+def test_save_sharded_checksums_single_file(cli, tmp_path):
+    ts.save_sharded(_state(), tmp_path / "one", checksums=True)
+    assert "data matches 6 recorded checksums" in _verify_data(cli, "one")
+
+
+def test_convert_shard_size_checksums(cli, tmp_path):
+    torch.save(_state(), tmp_path / "legacy.pt", format="pickle")
+    p = cli("convert", "legacy.pt", "out", "--shard-size", "600", "--checksums")
+    assert p.returncode == 0, p.stderr
+    assert "in 3 files" in p.stdout
+    assert "data matches 2 recorded checksums" in _verify_data(cli, "out")
+
+
+def test_async_save_checksums_are_of_the_values_at_the_call(cli, tmp_path):
+    sd = _state()
+    fut = ts.async_save(sd, tmp_path / "a.safetensors", checksums=True)
+    for t in sd.values():
+        t.add_(1)  # allowed once async_save returned: the file holds the old values
+    fut.result()
+    assert "data matches 6 recorded checksums" in _verify_data(cli, "a.safetensors")
+    assert torch.equal(ts.load_file(str(tmp_path / "a.safetensors"))["layer.0.weight"] + 1, sd["layer.0.weight"])
+
+
+def test_save_model_checksums(cli, tmp_path):
+    model = torch.nn.Linear(4, 2)
+    ts.save_model(model, tmp_path / "m.safetensors", checksums=True)
+    assert "data matches 2 recorded checksums" in _verify_data(cli, "m.safetensors")

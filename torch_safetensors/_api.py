@@ -593,6 +593,8 @@ def save_model(
     filename: FILE_PATH,
     metadata: Optional[Dict[str, str]] = None,
     force_contiguous: bool = True,
+    *,
+    checksums: bool = False,
 ) -> None:
     """Saves a model's state dict, storing tied (shared) tensors once.
 
@@ -607,6 +609,7 @@ def save_model(
         metadata: extra ``str`` -> ``str`` metadata (not modified).
         force_contiguous: accepted for compatibility. Non-contiguous tensors are saved
             as their values either way.
+        checksums: record each tensor's CRC32C in the header (see :func:`save_file`).
 
     Raises:
         RuntimeError: tensors share memory and none of them covers it whole.
@@ -625,7 +628,7 @@ def save_model(
             del state_dict[name]
     if force_contiguous:
         state_dict = {k: v.contiguous() for k, v in state_dict.items()}
-    save_file(state_dict, filename, metadata=meta)
+    save_file(state_dict, filename, metadata=meta, checksums=checksums)
 
 
 def load_model(

@@ -722,9 +722,6 @@ def _check_sizes(args: argparse.Namespace) -> Optional[int]:
 
 
 def _write_sharded(obj: Any, src: str, dst: str, limit: int, args: argparse.Namespace, label: str) -> int:
-    if args.checksums:
-        raise CLIError("--checksums records checksums in a single-file output; sharded output does "
-                       "not support it yet", EXIT_USAGE)
     sd = _flat_state_dict(obj, src)
     summary, total = _summary(sd)
     bar = _Bar(total, label, enabled=_progress_enabled(args.progress, total))
@@ -735,7 +732,8 @@ def _write_sharded(obj: Any, src: str, dst: str, limit: int, args: argparse.Name
         bar.update(written)
 
     with _Watcher(bar, dst, args.prefix + "-", lambda: done[0]):
-        written = _sharded._save_sharded(sd, dst, max_shard_size=limit, prefix=args.prefix, progress=step)
+        written = _sharded._save_sharded(sd, dst, max_shard_size=limit, prefix=args.prefix, progress=step,
+                                         checksums=args.checksums)
     bar.close()
     shards = [p for p in written if p.endswith(".safetensors")]
     _emit(f"converted {src} -> {dst}: {summary} in {len(shards)} file{'s' if len(shards) > 1 else ''}"
@@ -1039,8 +1037,8 @@ def build_parser(prog: str = _PROG) -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="model",
                    help="file name stem of the shards (default: model)")
     p.add_argument("--checksums", action="store_true",
-                   help="record each tensor's CRC32C in the header, for verify --data "
-                        "(single-file output)")
+                   help="record each tensor's CRC32C in the header (of every shard), for "
+                        "verify --data")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar on stderr (default: for files of 64 MiB or more, "
                         "when stderr is a terminal)")
