@@ -270,3 +270,47 @@ def test_save_model_checksums(cli, tmp_path):
     model = torch.nn.Linear(4, 2)
     ts.save_model(model, tmp_path / "m.safetensors", checksums=True)
     assert "data matches 2 recorded checksums" in _verify_data(cli, "m.safetensors")
+
+
+# ---- a misspelt TORCH_SAFETENSORS_FORMAT (3.8): one line, in a fresh process ----
+
+
+@pytest.fixture
+def startup_env(tmp_path):
+    """Processes that run the installed startup .pth line (read from setup.py), as an
+    installed package does, through a site directory added by sitecustomize."""
+    import ast
+
+    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
+    line = next(ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                and any(isinstance(t, ast.Name) and t.id == "STARTUP_LINE" for t in node.targets))
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    (site_dir / "torch_safetensors_startup.pth").write_text(line)
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    (custom / "sitecustomize.py").write_text(f"import site\nsite.addsitedir({str(site_dir)!r})\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(custom), ROOT]))
+    for name in ("TORCH_SAFETENSORS_FORMAT", "TORCH_SAFETENSORS_FALLBACK"):
+        env.pop(name, None)
+    return env
+
+
+@pytest.mark.parametrize("variables,code,line", [
+    ({"TORCH_SAFETENSORS_FORMAT": "safetensor"}, "import torch",
+     "torch_safetensors: TORCH_SAFETENSORS_FORMAT='safetensor' is not a format: set it to 'safetensors' or "
+     "'pickle', or unset it"),
+    ({"TORCH_SAFETENSORS_FORMAT": "safetensors", "TORCH_SAFETENSORS_FALLBACK": "pickel"}, "import torch",
+     "torch_safetensors: TORCH_SAFETENSORS_FALLBACK='pickel' is not a fallback: set it to 'pickle' or 'error', "
+     "or unset it"),
+    # the same line when the program imports torch_safetensors itself
+    ({"TORCH_SAFETENSORS_FORMAT": "json"}, "import torch_safetensors",
+     "torch_safetensors: TORCH_SAFETENSORS_FORMAT='json' is not a format: set it to 'safetensors' or "
+     "'pickle', or unset it"),
+], ids=["format-via-import-torch", "fallback-via-import-torch", "format-via-import-torch_safetensors"])
+def test_misspelt_switch_is_one_line(startup_env, variables, code, line):
+    r = subprocess.run([sys.executable, "-c", code + "; print('ran on')"], env=dict(startup_env, **variables),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stdout == ""  # stopped before the program ran on (and wrote pickle)
+    assert r.stderr == line + "\n", r.stderr
