@@ -7,6 +7,7 @@ process.
 """
 from __future__ import annotations
 
+import enum
 import os
 import subprocess
 import sys
@@ -314,3 +315,50 @@ def test_misspelt_switch_is_one_line(startup_env, variables, code, line):
     assert r.returncode == 1
     assert r.stdout == ""  # stopped before the program ran on (and wrote pickle)
     assert r.stderr == line + "\n", r.stderr
+
+
+# ---- cosmetics (3.10) ----
+
+
+class Color(enum.Enum):
+    RED = 1
+
+
+def test_inspect_tree_counts_and_none(cli, tmp_path):
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.AdamW(model.parameters(), foreach=None)
+    torch.save({"opt": opt.state_dict(), "one": [1], "w": torch.zeros(1)}, tmp_path / "ck.safetensors",
+               format="safetensors")
+    p = cli("inspect", "ck.safetensors")
+    assert p.returncode == 0, p.stderr
+    lines = [line.strip() for line in p.stdout.splitlines()]
+    assert "one: list (1 item)" in lines
+    assert "param_groups: list (1 item)" in lines
+    assert "foreach: None" in lines
+    assert "1 items" not in p.stdout and "None null" not in p.stdout
+    assert "opt: dict (2 items)" in lines  # plural stays plural
+    assert "total: 1 tensor, 4 bytes of data" in p.stdout
+
+
+def test_saving_a_module_gives_one_hint(tmp_path):
+    with pytest.raises(TypeError) as info:
+        torch.save(torch.nn.Linear(2, 2), tmp_path / "m.safetensors", format="safetensors")
+    message = str(info.value)
+    assert message.count("(") == message.count(")") and message.count(" (") == 1, message
+    assert "save its state_dict() and rebuild the module in code" in message
+    assert "code is never stored" not in message
+    # a value without a specific reason still gets the generic hint
+    with pytest.raises(TypeError, match=r"^g: generator cannot be saved in safetensors format \(a running "
+                                        r"generator is code; save the values it would produce\)$"):
+        torch.save({"g": (x for x in [])}, tmp_path / "f.safetensors", format="safetensors")
+
+
+def test_an_enum_is_named_a_class_or_function_not_a_callable(tmp_path):
+    with torch.serialization.safe_globals([Color]):
+        torch.save({"c": Color.RED, "w": torch.zeros(1)}, tmp_path / "e.safetensors", format="safetensors")
+        assert torch.load(tmp_path / "e.safetensors")["c"] is Color.RED
+    with pytest.raises(ts.SafetensorError) as info:
+        torch.load(tmp_path / "e.safetensors")
+    message = str(info.value)
+    assert f"holds class or function {__name__}.Color, which this process has not allowed" in message
+    assert "callable" not in message

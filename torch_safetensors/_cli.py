@@ -455,7 +455,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             for line in _checkpoint.tree_lines(f["tree"]):
                 _emit(f"  {_shown(line)}")
             _emit()
-    _emit(f"total: {desc['total_tensors']:,} tensors, {desc['total_bytes']:,} bytes of data "
+    count = desc["total_tensors"]
+    _emit(f"total: {count:,} tensor{'s' if count != 1 else ''}, {desc['total_bytes']:,} bytes of data "
           f"({_human(desc['total_bytes'])}); headers {header_bytes:,} bytes; "
           f"file{'s' if sharded else ''} {file_bytes:,} bytes")
     # the tree already shows its ties: list the others (safetensors' save_model records)
