@@ -362,3 +362,23 @@ def test_an_enum_is_named_a_class_or_function_not_a_callable(tmp_path):
     message = str(info.value)
     assert f"holds class or function {__name__}.Color, which this process has not allowed" in message
     assert "callable" not in message
+
+
+# ---- errors name the file (3.9, the command line) ----
+
+
+def test_every_command_names_the_file_it_failed_on(cli, tmp_path):
+    ts.save_file({"a": torch.zeros(10)}, str(tmp_path / "good.safetensors"))
+    raw = (tmp_path / "good.safetensors").read_bytes()
+    (tmp_path / "trunc.safetensors").write_bytes(raw[:-3])
+    (tmp_path / "tiny.bin").write_bytes(b"abcd")
+    (tmp_path / "empty.bin").write_bytes(b"")
+    for name in ("trunc.safetensors", "tiny.bin", "empty.bin"):
+        for args in (("inspect", name), ("convert", name, "out.safetensors")):
+            p = cli(*args)
+            assert p.returncode == _cli.EXIT_INVALID, (args, p.stderr)
+            assert p.stderr.startswith(f"torch-safetensors: error: {name}: "), (args, p.stderr)
+            assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+        p = cli("verify", name)
+        assert p.stdout.startswith(f"INVALID  {name}: ")
+    assert not (tmp_path / "out.safetensors").exists()

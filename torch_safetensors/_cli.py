@@ -627,11 +627,18 @@ def _load_legacy(src: str) -> Any:
         return torch.load(src, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise _refused(src, e) from None
-    except (SafetensorError, OSError):
+    except SafetensorError as e:  # safetensors-like bytes that are not valid: name the file
+        raise CLIError(_naming(src, _one_line(str(e))), EXIT_INVALID) from None
+    except OSError:
         raise
     except Exception as e:  # a damaged zip or pickle: torch raises many kinds
         raise CLIError(f"{src}: cannot be read as a checkpoint: {type(e).__name__}: {_one_line(str(e))}",
                        EXIT_INVALID) from None
+
+
+def _naming(path: str, message: str) -> str:
+    """The message, starting with the file it is about (once)."""
+    return message if message.startswith(f"{path}: ") else f"{path}: {message}"
 
 
 def _refused(src: str, err: BaseException) -> CLIError:
