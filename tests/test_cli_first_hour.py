@@ -235,7 +235,7 @@ def test_save_sharded_checksums(cli, tmp_path):
     shards = sorted(n for n in os.listdir(tmp_path / "ckpt") if n.endswith(".safetensors"))
     assert len(shards) == 3
     out = _verify_data(cli, "ckpt")
-    assert "sharded, 3 files, 6 tensors" in out and "data matches 2 recorded checksums" in out
+    assert "sharded, 3 files, 6 tensors" in out and "each file: data matches 2 recorded checksums" in out
     _flip_last_byte(tmp_path / "ckpt" / shards[-1])
     p = cli("verify", "--data", "ckpt")
     assert p.returncode == _cli.EXIT_INVALID and "does not match the checksums" in p.stdout

@@ -434,7 +434,12 @@ class safe_open:
         return out
 
     def get_slice(self, name: str) -> _Slice:
-        """A lazy slice object: ``get_shape()``, ``get_dtype()`` and ``[...]`` indexing."""
+        """A lazy slice object: ``get_shape()``, ``get_dtype()`` and ``[...]`` indexing.
+
+        An integer index outside its dimension raises :class:`SliceIndexError` (a
+        ``SafetensorError`` and an ``IndexError``) with the ``safetensors`` package's
+        message, such as ``"Invalid index -6 for dimension 1 of size 5"``.
+        """
         return _Slice(self, name)
 
 
@@ -750,8 +755,6 @@ class _SpecError(SafetensorError, UnsupportedTensorError):
     """A value of serialize's dict that is not a tensor spec: the package raised
     SafetensorError before 0.8 and TypeError since; this is both."""
 
-
-_SpecError.__module__ = "torch_safetensors"
 
 
 def _spec_tensor(name: str, spec: Any, keep: List[Any]) -> torch.Tensor:

@@ -547,7 +547,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             continue
         what = (f"sharded, {len(desc['files'])} files, " if desc["index"] else "")
         if args.data:
-            note = notes[0] if len(set(notes)) == 1 else "; ".join(
+            # the same note for every shard is per shard: say so, not "2 checksums" for 6 tensors
+            note = (("each file: " if len(notes) > 1 else "") + notes[0]) if len(set(notes)) == 1 else "; ".join(
                 f"{os.path.basename(f['path'])}: {n}" for f, n in zip(desc["files"], notes))
         else:
             note = "header and layout checked; tensor data not read: --data reads it"
