@@ -53,43 +53,47 @@ UnsupportedTensorError.__module__ = "torch_safetensors"
 
 
 def _as_dict(tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The tensors to save, refused with the ``safetensors`` package's messages (code and
-    tests match on them) where it has one: not a dict, a value that is not a tensor, a
-    sparse (non-strided) tensor, a meta tensor."""
     if isinstance(tensors, dict):
-        out = tensors
-    elif isinstance(tensors, Mapping):
-        out = dict(tensors)
-    else:
-        raise UnsupportedTensorError(f"Expected a dict of [str, torch.Tensor] but received {type(tensors)}")
+        return tensors
+    if isinstance(tensors, Mapping):
+        return dict(tensors)
+    raise UnsupportedTensorError(f"Expected a dict of [str, torch.Tensor] but received {type(tensors)}")
+
+
+def _package_refusal(tensors: Dict[str, torch.Tensor]) -> Optional[UnsupportedTensorError]:
+    """The ``safetensors`` package's error for what it refuses before writing (code and
+    tests match on its text): a value that is not a tensor, sparse (non-strided)
+    tensors, a meta tensor (our advice after its text). Only looked for once the C
+    writer has refused: a save that succeeds pays nothing."""
     sparse = []
     meta = []
-    for name, t in out.items():
+    for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
-            raise UnsupportedTensorError(f"Key `{name}` is invalid, expected torch.Tensor but received {type(t)}")
+            return UnsupportedTensorError(f"Key `{name}` is invalid, expected torch.Tensor but received {type(t)}")
         if t.layout != torch.strided:
             sparse.append(name)
         elif t.is_meta:
             meta.append(name)
     if sparse:
-        raise UnsupportedTensorError(
+        return UnsupportedTensorError(
             f"You are trying to save a sparse tensors: `{sparse}` which this library does not support."
             " You can make it a dense tensor before saving with `.to_dense()` but be aware this might"
             " make a much larger file than needed."
         )
     if meta:
-        raise UnsupportedTensorError(
+        return UnsupportedTensorError(
             f"Cannot copy out of meta tensor; no data! Tensor {meta[0]!r} is on the meta device and "
             "has no data to save; materialize it first (for example with .to_empty(device='cpu') "
             "and an initializer)"
         )
-    return out
+    return None
 
 
 def _c_save(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]], *path: str,
             durable: bool = False) -> Any:
     """_C.save, with its plain TypeErrors for unstorable objects raised as
-    UnsupportedTensorError (a TypeError, ValueError and RuntimeError)."""
+    UnsupportedTensorError (a TypeError, ValueError and RuntimeError), in the package's
+    words where it has some."""
     try:
         if path:
             return _C.save(tensors, metadata, path[0], durable=durable)
@@ -97,7 +101,8 @@ def _c_save(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]]
     except TypeError as e:
         if type(e) is not TypeError:
             raise
-        raise UnsupportedTensorError(str(e)) from None
+        refusal = _package_refusal(tensors)
+        raise (refusal if refusal is not None else UnsupportedTensorError(str(e))) from None
 
 
 def _reader(filename: FILE_PATH, use_mmap: bool) -> "_C.Reader":
