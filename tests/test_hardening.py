@@ -209,7 +209,7 @@ def test_convert_shard_size_failure_keeps_the_old_checkpoint(tmp_path, monkeypat
         return real(*args, **kwargs)
 
     monkeypatch.setattr(_save, "save_safetensors", failing)
-    assert _cli.main(["convert", str(src), str(out), "--shard-size", "10000", "--no-progress"]) == 3
+    assert _cli.main(["convert", str(src), str(out), "--shard-size", "10000", "--no-progress", "--force"]) == 3
     monkeypatch.undo()
     _equal(torch.load(out), old)
 

@@ -258,11 +258,11 @@ def test_interrupted_save_never_looks_complete(tmp_path, monkeypatch):
     real = _save.save_safetensors
     calls = []
 
-    def failing(obj, f, metadata=None, *, durable=False):
+    def failing(obj, f, metadata=None, **kwargs):
         calls.append(f)
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
-        return real(obj, f, metadata, durable=durable)
+        return real(obj, f, metadata, **kwargs)
 
     monkeypatch.setattr(_save, "save_safetensors", failing)
     before = {f: (tmp_path / f).read_bytes() for f in _files(tmp_path)}

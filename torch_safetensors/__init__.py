@@ -39,6 +39,7 @@ del _check_built
 
 from ._api import (  # noqa: E402
     SafetensorError,
+    SliceIndexError,
     TensorSpec,
     UnsupportedTensorError,
     _find_shared_tensors,
@@ -64,6 +65,7 @@ from ._torch import install, installed, uninstall  # noqa: E402
 __all__ = [
     "PickleFallbackWarning",
     "SafetensorError",
+    "SliceIndexError",
     "TensorSpec",
     "UnsupportedTensorError",
     "__version__",

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ctypes
+import operator
 import os
 import warnings
 from collections import defaultdict
@@ -20,6 +21,7 @@ BACKENDS = ("mmap", "pread")
 
 __all__ = [
     "SafetensorError",
+    "SliceIndexError",
     "TensorSpec",
     "UnsupportedTensorError",
     "deserialize",
@@ -55,13 +57,43 @@ def _as_dict(tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         return tensors
     if isinstance(tensors, Mapping):
         return dict(tensors)
-    raise UnsupportedTensorError(f"expected a dict of str to Tensor, got {type(tensors).__name__}")
+    raise UnsupportedTensorError(f"Expected a dict of [str, torch.Tensor] but received {type(tensors)}")
+
+
+def _package_refusal(tensors: Dict[str, torch.Tensor]) -> Optional[UnsupportedTensorError]:
+    """The ``safetensors`` package's error for what it refuses before writing (code and
+    tests match on its text): a value that is not a tensor, sparse (non-strided)
+    tensors, a meta tensor (our advice after its text). Only looked for once the C
+    writer has refused: a save that succeeds pays nothing."""
+    sparse = []
+    meta = []
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            return UnsupportedTensorError(f"Key `{name}` is invalid, expected torch.Tensor but received {type(t)}")
+        if t.layout != torch.strided:
+            sparse.append(name)
+        elif t.is_meta:
+            meta.append(name)
+    if sparse:
+        return UnsupportedTensorError(
+            f"You are trying to save a sparse tensors: `{sparse}` which this library does not support."
+            " You can make it a dense tensor before saving with `.to_dense()` but be aware this might"
+            " make a much larger file than needed."
+        )
+    if meta:
+        return UnsupportedTensorError(
+            f"Cannot copy out of meta tensor; no data! Tensor {meta[0]!r} is on the meta device and "
+            "has no data to save; materialize it first (for example with .to_empty(device='cpu') "
+            "and an initializer)"
+        )
+    return None
 
 
 def _c_save(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]], *path: str,
             durable: bool = False) -> Any:
     """_C.save, with its plain TypeErrors for unstorable objects raised as
-    UnsupportedTensorError (a TypeError, ValueError and RuntimeError)."""
+    UnsupportedTensorError (a TypeError, ValueError and RuntimeError), in the package's
+    words where it has some."""
     try:
         if path:
             return _C.save(tensors, metadata, path[0], durable=durable)
@@ -69,7 +101,20 @@ def _c_save(tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]]
     except TypeError as e:
         if type(e) is not TypeError:
             raise
-        raise UnsupportedTensorError(str(e)) from None
+        refusal = _package_refusal(tensors)
+        raise (refusal if refusal is not None else UnsupportedTensorError(str(e))) from None
+
+
+def _reader(filename: FILE_PATH, use_mmap: bool) -> "_C.Reader":
+    """Opens a file for reading; a missing file raises ``FileNotFoundError`` with the
+    ``safetensors`` package's message ("No such file or directory: NAME")."""
+    path = os.fspath(filename)
+    try:
+        return _C.Reader(path, mmap=use_mmap)
+    except FileNotFoundError as e:
+        err = FileNotFoundError(f"No such file or directory: {os.fsdecode(path)}")
+        err.errno = e.errno  # str() stays the message: OSError formats only with strerror set
+        raise err from None
 
 
 def _check_backend(backend: str) -> bool:
@@ -192,7 +237,7 @@ def load_file(filename: FILE_PATH, device: DEVICE = "cpu", *, backend: str = "mm
     """
     use_mmap = _check_backend(backend)
     build, dev = _core.resolve_device(device)
-    reader = _C.Reader(os.fspath(filename), mmap=use_mmap)
+    reader = _reader(filename, use_mmap)
     try:
         return _core.move(_core.build(reader, None, build), dev)
     finally:
@@ -233,6 +278,53 @@ def _to_framework(t: torch.Tensor, framework: str) -> Any:
     return t
 
 
+class SliceIndexError(SafetensorError, IndexError):
+    """An integer index out of range in ``get_slice(...)[...]``: a ``SafetensorError``
+    with the ``safetensors`` package's message, and an ``IndexError`` as torch raises."""
+
+
+SliceIndexError.__module__ = "torch_safetensors"
+
+
+def _index_text(part: Any) -> str:
+    """One index as the package's messages print it ("2:", ":20", "3")."""
+    if isinstance(part, slice):
+        text = ("" if part.start is None else str(part.start)) + ":" + ("" if part.stop is None else str(part.stop))
+        return text if part.step is None else f"{text}:{part.step}"
+    return "..." if part is Ellipsis else str(part)
+
+
+def _check_indices(index: Any, shape: Tuple[int, ...]) -> None:
+    """Refuses an integer index outside its dimension as the ``safetensors`` package
+    does (``SliceIndexError``), before any byte is read; torch checks the rest."""
+    parts = index if isinstance(index, tuple) else (index,)
+    placed = [p for p in parts if p is not None]  # None adds a dimension and takes none
+    cut = next((i for i, p in enumerate(placed) if p is Ellipsis), None)
+    if cut is None:
+        dims = list(enumerate(placed))
+    else:
+        after = placed[cut + 1:]
+        dims = list(enumerate(placed[:cut])) + [(len(shape) - len(after) + i, p) for i, p in enumerate(after)]
+    if len(dims) > len(shape):
+        return  # too many indices: torch's own error
+    for dim, part in dims:
+        if isinstance(part, (bool, torch.Tensor)):
+            continue
+        try:
+            i = operator.index(part)  # ints and numpy integers; not slices, lists, arrays
+        except TypeError:
+            continue
+        size = shape[dim]
+        if i < -size:
+            raise SliceIndexError(f"Invalid index {i} for dimension {dim} of size {size}")
+        if i >= size:
+            shown = ", ".join(_index_text(p) for p in parts)
+            raise SliceIndexError(
+                f"Error during slicing [{shown}] with shape {list(shape)}: index {i} out of bounds "
+                f"for tensor dimension #{dim} of size {size}"
+            )
+
+
 class _Slice:
     """A lazily sliced tensor of an open file: only the indexed bytes are read."""
 
@@ -255,6 +347,7 @@ class _Slice:
         return self._shape[0]
 
     def __getitem__(self, index: Any) -> Any:
+        _check_indices(index, self._shape)
         owner = self._owner
         full = _core.build(owner._open(), [self._name], owner._build)[self._name]
         part = full[index]
@@ -302,7 +395,7 @@ class safe_open:
         self._build, self._dev = _core.resolve_device(device)
         if fw == "np" and (self._dev is not None or self._build != "cpu"):
             raise ValueError(f"framework {framework!r} gives CPU arrays; device {device!r} is not available")
-        self._reader = _C.Reader(os.fspath(filename), mmap=use_mmap)
+        self._reader = _reader(filename, use_mmap)
 
     def _open(self) -> "_C.Reader":
         if self._reader.closed:
@@ -346,7 +439,12 @@ class safe_open:
         return out
 
     def get_slice(self, name: str) -> _Slice:
-        """A lazy slice object: ``get_shape()``, ``get_dtype()`` and ``[...]`` indexing."""
+        """A lazy slice object: ``get_shape()``, ``get_dtype()`` and ``[...]`` indexing.
+
+        An integer index outside its dimension raises :class:`SliceIndexError` (a
+        ``SafetensorError`` and an ``IndexError``) with the ``safetensors`` package's
+        message, such as ``"Invalid index -6 for dimension 1 of size 5"``.
+        """
         return _Slice(self, name)
 
 
@@ -505,6 +603,8 @@ def save_model(
     filename: FILE_PATH,
     metadata: Optional[Dict[str, str]] = None,
     force_contiguous: bool = True,
+    *,
+    checksums: bool = False,
 ) -> None:
     """Saves a model's state dict, storing tied (shared) tensors once.
 
@@ -519,6 +619,7 @@ def save_model(
         metadata: extra ``str`` -> ``str`` metadata (not modified).
         force_contiguous: accepted for compatibility. Non-contiguous tensors are saved
             as their values either way.
+        checksums: record each tensor's CRC32C in the header (see :func:`save_file`).
 
     Raises:
         RuntimeError: tensors share memory and none of them covers it whole.
@@ -537,7 +638,7 @@ def save_model(
             del state_dict[name]
     if force_contiguous:
         state_dict = {k: v.contiguous() for k, v in state_dict.items()}
-    save_file(state_dict, filename, metadata=meta)
+    save_file(state_dict, filename, metadata=meta, checksums=checksums)
 
 
 def load_model(
@@ -655,6 +756,12 @@ class TensorSpec:
         return f"TensorSpec(dtype={self._dtype!r}, shape={self._shape}, data_len={self._len})"
 
 
+class _SpecError(SafetensorError, UnsupportedTensorError):
+    """A value of serialize's dict that is not a tensor spec: the package raised
+    SafetensorError before 0.8 and TypeError since; this is both."""
+
+
+
 def _spec_tensor(name: str, spec: Any, keep: List[Any]) -> torch.Tensor:
     """A CPU tensor over the bytes a spec describes (zero-copy)."""
     if isinstance(spec, TensorSpec):
@@ -668,9 +775,10 @@ def _spec_tensor(name: str, spec: Any, keep: List[Any]) -> torch.Tensor:
         raw = memoryview(spec["data"]).cast("B")
         nbytes = raw.nbytes
     else:
-        raise UnsupportedTensorError(
+        raise _SpecError(
             f"tensor {name!r}: expected a TensorSpec or a dict with dtype, shape and data, "
             f"got {type(spec).__name__}"
+            + (f" without {sorted({'dtype', 'shape', 'data'} - set(spec))}" if isinstance(spec, Mapping) else "")
         )
     dtype = _core.DTYPES.get(code)
     if dtype is None:

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from . import _C, _checkpoint, _save, _stream
+from . import _C, _checkpoint, _checksums, _save, _stream
 
 __all__ = ["IDLE_SECONDS", "async_save", "release_async_buffers"]
 
@@ -143,15 +143,19 @@ def _writer() -> concurrent.futures.ThreadPoolExecutor:
 # ---- planning and copying ----
 
 
-def _plan(obj: Any, metadata: Optional[Dict[str, str]]) -> Tuple[bytes, List[Any]]:
+def _plan(obj: Any, metadata: Optional[Dict[str, str]], checksums: bool = False) -> Tuple[bytes, List[Any]]:
     """Everything a synchronous save checks: (header bytes, [(name, tensor, nbytes)] in
-    file order). Raises the same refusals, before anything is copied."""
+    file order). Raises the same refusals, before anything is copied. With checksums,
+    each tensor's CRC32C goes into the header, computed here, at the call (the values
+    the snapshot copies)."""
     base = _save.base_metadata(metadata)
     tensors, header_meta, plain = _checkpoint.split(obj)
 
     def plan(tensors: Dict[str, torch.Tensor], extra: Dict[str, str], check: bool) -> Tuple[bytes, List[Any]]:
         meta = dict(base)
         meta.update(extra)
+        if checksums:
+            meta.update(_checksums.metadata_for(tensors))
         return _C.save(tensors, meta, check_shared=check, plan_only=True)
 
     try:
@@ -234,7 +238,7 @@ def _refuse_blocking_target(path: Any) -> None:
 
 
 def async_save(obj: Any, f: Any, *, metadata: Optional[Dict[str, str]] = None,
-               durable: bool = False) -> "concurrent.futures.Future[None]":
+               durable: bool = False, checksums: bool = False) -> "concurrent.futures.Future[None]":
     """Saves obj as safetensors in the background; returns once its values are copied.
 
     Takes everything ``torch.save(obj, f, format="safetensors")`` takes. When it
@@ -249,6 +253,8 @@ def async_save(obj: Any, f: Any, *, metadata: Optional[Dict[str, str]] = None,
             the background thread; do not use it until the future is done).
         metadata: extra ``str`` -> ``str`` header metadata.
         durable: flush the data and the directory entry to stable storage.
+        checksums: record each tensor's CRC32C in the header, for
+            ``torch-safetensors verify --data`` (computed before this returns).
 
     Returns:
         A ``concurrent.futures.Future`` whose ``result()`` is None once the file is
@@ -272,7 +278,7 @@ def async_save(obj: Any, f: Any, *, metadata: Optional[Dict[str, str]] = None,
     path = os.fspath(f) if isinstance(f, (str, os.PathLike)) else None
     if path is not None:
         _refuse_blocking_target(path)
-    header, order = _plan(obj, metadata)
+    header, order = _plan(obj, metadata, checksums)
     with _lock:
         prev = _last
         if prev is not None:

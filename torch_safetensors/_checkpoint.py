@@ -54,7 +54,9 @@ _BYTES_AS_TENSOR = 4096  # longer bytes go as a uint8 tensor instead of base64 t
 # ---- refusal ----
 
 
-def _hint(value: Any) -> str:
+def _hint(value: Any, *, code: bool = True) -> str:
+    """Advice for a value that cannot be stored; ``code=False`` leaves out the generic
+    one for callables (the caller already said what to do with it)."""
     if isinstance(value, torch.Tensor):
         return ""
     if isinstance(value, (types.GeneratorType, types.CoroutineType, types.AsyncGeneratorType)):
@@ -63,7 +65,7 @@ def _hint(value: Any) -> str:
         return " (an open file or stream is not data; save its path, or its contents as bytes)"
     if "lock" in type(value).__name__.lower():
         return " (a lock is process state, not data; leave it out of the checkpoint)"
-    if callable(value):
+    if callable(value) and code:
         return " (code is never stored; save what it computes instead)"
     return ""
 
@@ -77,8 +79,10 @@ def _type_name(value: Any) -> str:
 
 def _refuse(path: str, value: Any, why: str = "") -> TypeError:
     where = path if path else "the object"
+    # with a reason, no generic callable hint after it (a module is callable: one hint)
+    hint = _hint(value, code=not why)
     why = f" ({why})" if why else ""
-    return TypeError(f"{where}: {_type_name(value)} cannot be saved in safetensors format{why}{_hint(value)}")
+    return TypeError(f"{where}: {_type_name(value)} cannot be saved in safetensors format{why}{hint}")
 
 
 def _tensor_problem(path: str, t: torch.Tensor) -> Optional[TypeError]:
@@ -903,7 +907,7 @@ class _Builder:
         extra = set(body) - {"new", "call", "args", "kwargs", "state", "list", "dict"}
         if extra or ("new" in body) == ("call" in body):
             raise _bad("an object node needs exactly one of 'new' and 'call', and nothing unknown")
-        role = "class" if "new" in body else "callable"
+        role = "class" if "new" in body else "class or function"  # an enum member is a class called
         target = self.allow.resolve(body.get("new", body.get("call")), role)
         name = f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', '?')}"
         args = self.seq(body.get("args", []), depth, "arguments")
@@ -1208,7 +1212,10 @@ def tree_lines(tree: Dict[str, Any], *, limit: int = 2000) -> List[str]:
         if kind == "reference":
             return f"reference to {node.get('name')}"
         if "items" in node:
-            return f"{kind} ({len(node['items'])} items)"
+            count = len(node["items"])
+            return f"{kind} ({count} item{'' if count == 1 else 's'})"
+        if kind == "None":
+            return "None"
         if "value" in node:
             return f"{kind} {json.dumps(node['value'], ensure_ascii=False)[:120]}"
         return str(kind)

@@ -35,6 +35,7 @@ EXIT_USAGE = 2  # bad arguments
 EXIT_IO = 3  # not found, unreadable, unwritable
 EXIT_REFUSED = 4  # a legacy file the weights_only unpickler refused: never run
 EXIT_INTERRUPTED = 130
+EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a Unix tool whose reader left
 
 _STATUS_LINES = {
     0: "  0  success",
@@ -46,20 +47,27 @@ _STATUS_LINES = {
        "     load, because it would run code or is not a plain weights file; nothing in it\n"
        "     was executed",
     130: "  130 interrupted (Ctrl-C)",
+    141: "  141 the output was closed early (for example by | head): the command stops\n"
+         "      quietly there, as other Unix tools do",
 }
 # what each subcommand can return, with its own wording where it differs
 _STATUSES = {
-    None: (0, 1, 2, 3, 4, 130),
-    "inspect": (0, 1, 2, 3, 130),
-    "convert": (0, 1, 2, 3, 4, 130),
-    "verify": (0, 1, 2, 3, 130),
-    "demo": (0, 1, 2, 3, 130),
+    None: (0, 1, 2, 3, 4, 130, 141),
+    "inspect": (0, 1, 2, 3, 130, 141),
+    "convert": (0, 1, 2, 3, 4, 130, 141),
+    "verify": (0, 1, 2, 3, 130, 141),
+    "demo": (0, 1, 2, 3, 130, 141),
 }
 _STATUS_OVERRIDES = {
     ("verify", 0): "  0  every FILE is valid",
     ("verify", 1): "  1  at least one FILE is invalid (malformed, corrupt, a shard that disagrees\n"
                    "     with its index, or tensor data that does not match its checksum)",
-    ("verify", 3): "  3  none is invalid, but at least one is missing or unreadable",
+    ("verify", 2): "  2  none is invalid, but a FILE is a directory of several checkpoints (name\n"
+                   "     one, as for inspect), or the arguments are wrong",
+    ("verify", 3): "  3  none is invalid or ambiguous, but at least one is missing or unreadable",
+    ("inspect", 2): "  2  usage error: bad arguments, or FILE is a directory of several\n"
+                    "     checkpoints (name one)",
+    ("convert", 2): "  2  usage error: bad arguments, or DST exists (--force replaces it)",
     ("demo", 1): "  1  the demo's checks failed",
     ("inspect", 1): "  1  FILE is not a valid safetensors checkpoint (a legacy pickle checkpoint\n"
                     "     is named as such, with the command that converts it)",
@@ -359,8 +367,10 @@ def _describe(path: str, *, check: bool = False) -> Dict[str, Any]:
         raise legacy
     try:
         kind, resolved = _sharded.find_checkpoint(path)
-    except ValueError as e:
-        raise CLIError(str(e), EXIT_USAGE) from None
+    except ValueError as e:  # a directory of several checkpoints: name one (status 2, both commands)
+        command = "verify" if check else "inspect"
+        raise CLIError(str(e).replace("pass the one to load", f"name the one to {command}"),
+                       EXIT_USAGE) from None
     files: List[Dict[str, Any]] = []
     tensors: List[Dict[str, Any]] = []
     index = None
@@ -436,7 +446,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             for line in _checkpoint.tree_lines(f["tree"]):
                 _emit(f"  {_shown(line)}")
             _emit()
-    _emit(f"total: {desc['total_tensors']:,} tensors, {desc['total_bytes']:,} bytes of data "
+    count = desc["total_tensors"]
+    _emit(f"total: {count:,} tensor{'s' if count != 1 else ''}, {desc['total_bytes']:,} bytes of data "
           f"({_human(desc['total_bytes'])}); headers {header_bytes:,} bytes; "
           f"file{'s' if sharded else ''} {file_bytes:,} bytes")
     # the tree already shows its ties: list the others (safetensors' save_model records)
@@ -501,38 +512,67 @@ def _check_data(path: str) -> str:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """``verify FILE... [--data]``: one line per file; 0 only if all are valid."""
-    invalid = unreadable = 0
+    invalid = missing = unreadable = ambiguous = 0
     for path in args.files:
         try:
             desc = _describe(path, check=True)
             notes = [_check_data(f["path"]) for f in desc["files"]] if args.data else []
-        except (SafetensorError, CLIError, ValueError, TypeError) as e:
+        except CLIError as e:
+            if e.status == EXIT_USAGE:  # a directory of several checkpoints: status 2, as inspect
+                ambiguous += 1
+                _emit(f"ERROR    {_one_line(str(e))}")
+                continue
             invalid += 1
-            message = _one_line(str(e))
-            if message.startswith(f"{path}: "):
-                message = message[len(path) + 2:]  # the line already names the file
-            _emit(f"INVALID  {path}: {message}")
+            _emit(f"INVALID  {path}: {_without_path(_one_line(str(e)), path)}")
+            continue
+        except (SafetensorError, ValueError, TypeError) as e:
+            invalid += 1
+            _emit(f"INVALID  {path}: {_without_path(_one_line(str(e)), path)}")
             continue
         except OSError as e:
-            unreadable += 1
-            message = _os_message(e)
-            if message.startswith(f"{path}: "):
-                message = message[len(path) + 2:]
-            _emit(f"ERROR    {path}: {message}")
+            if isinstance(e, FileNotFoundError):
+                missing += 1
+            else:
+                unreadable += 1
+            _emit(f"ERROR    {path}: {_without_path(_os_message(e), path)}")
             continue
         what = (f"sharded, {len(desc['files'])} files, " if desc["index"] else "")
         if args.data:
-            note = notes[0] if len(set(notes)) == 1 else "; ".join(
+            # the same note for every shard is per shard: say so, not "2 checksums" for 6 tensors
+            note = (("each file: " if len(notes) > 1 else "") + notes[0]) if len(set(notes)) == 1 else "; ".join(
                 f"{os.path.basename(f['path'])}: {n}" for f, n in zip(desc["files"], notes))
         else:
-            note = "header and layout checked; tensor data not read (--data reads it)"
-        _emit(f"OK       {path} ({what}{desc['total_tensors']:,} tensors, {_human(desc['total_bytes'])}; {note})")
-    bad = invalid + unreadable
-    if bad:
-        _say(f"{bad} of {len(args.files)} checkpoint{'s' if len(args.files) > 1 else ''} "
-             f"failed verification")
-        return EXIT_INVALID if invalid else EXIT_IO
+            note = "header and layout checked; tensor data not read: --data reads it"
+        count = desc["total_tensors"]
+        _emit(f"OK       {path} ({what}{count:,} tensor{'s' if count != 1 else ''}, "
+              f"{_human(desc['total_bytes'])}; {note})")
+    if invalid or missing or unreadable or ambiguous:
+        _say(_verify_summary(len(args.files), invalid, missing, unreadable, ambiguous))
+        if invalid:
+            return EXIT_INVALID
+        return EXIT_USAGE if ambiguous else EXIT_IO
     return EXIT_OK
+
+
+def _without_path(message: str, path: str) -> str:
+    """A message without its leading "PATH: " (the line already names the file)."""
+    return message[len(path) + 2:] if message.startswith(f"{path}: ") else message
+
+
+def _verify_summary(total: int, invalid: int, missing: int, unreadable: int, ambiguous: int) -> str:
+    """verify's last line: what went wrong, by kind ("2 of 3 checkpoints failed
+    verification; 1 is missing")."""
+    parts = []
+    for count, one, many in ((invalid, "failed verification", "failed verification"),
+                             (missing, "is missing", "are missing"),
+                             (unreadable, "could not be read", "could not be read"),
+                             (ambiguous, "is ambiguous (a directory of several checkpoints: name one)",
+                              "are ambiguous (directories of several checkpoints: name one)")):
+        if count:
+            parts.append(f"{count} {one if count == 1 else many}")
+    first = parts[0].split(" ", 1)
+    parts[0] = f"{first[0]} of {total} checkpoint{'s' if total != 1 else ''} {first[1]}"
+    return "; ".join(parts)
 
 
 # ---- convert ----
@@ -579,11 +619,18 @@ def _load_legacy(src: str) -> Any:
         return torch.load(src, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         raise _refused(src, e) from None
-    except (SafetensorError, OSError):
+    except SafetensorError as e:  # safetensors-like bytes that are not valid: name the file
+        raise CLIError(_naming(src, _one_line(str(e))), EXIT_INVALID) from None
+    except OSError:
         raise
     except Exception as e:  # a damaged zip or pickle: torch raises many kinds
         raise CLIError(f"{src}: cannot be read as a checkpoint: {type(e).__name__}: {_one_line(str(e))}",
                        EXIT_INVALID) from None
+
+
+def _naming(path: str, message: str) -> str:
+    """The message, starting with the file it is about (once)."""
+    return message if message.startswith(f"{path}: ") else f"{path}: {message}"
 
 
 def _refused(src: str, err: BaseException) -> CLIError:
@@ -675,9 +722,6 @@ def _check_sizes(args: argparse.Namespace) -> Optional[int]:
 
 
 def _write_sharded(obj: Any, src: str, dst: str, limit: int, args: argparse.Namespace, label: str) -> int:
-    if args.checksums:
-        raise CLIError("--checksums records checksums in a single-file output; sharded output does "
-                       "not support it yet", EXIT_USAGE)
     sd = _flat_state_dict(obj, src)
     summary, total = _summary(sd)
     bar = _Bar(total, label, enabled=_progress_enabled(args.progress, total))
@@ -688,7 +732,8 @@ def _write_sharded(obj: Any, src: str, dst: str, limit: int, args: argparse.Name
         bar.update(written)
 
     with _Watcher(bar, dst, args.prefix + "-", lambda: done[0]):
-        written = _sharded._save_sharded(sd, dst, max_shard_size=limit, prefix=args.prefix, progress=step)
+        written = _sharded._save_sharded(sd, dst, max_shard_size=limit, prefix=args.prefix, progress=step,
+                                         checksums=args.checksums)
     bar.close()
     shards = [p for p in written if p.endswith(".safetensors")]
     _emit(f"converted {src} -> {dst}: {summary} in {len(shards)} file{'s' if len(shards) > 1 else ''}"
@@ -706,6 +751,21 @@ def _load_legacy_shards(src: str) -> Dict[str, torch.Tensor]:
         raise _refused(src, e) from None
 
 
+def _refuse_to_replace(dst: str, force: bool) -> None:
+    """Without --force, convert never replaces a file or a sharded checkpoint at DST."""
+    if force or not os.path.lexists(dst):
+        return
+    if os.path.isdir(dst):
+        held = sorted(n for n in os.listdir(dst) if n.endswith((".safetensors", ".safetensors.index.json")))
+        if not held:
+            return  # an empty (or unrelated) directory: the shards go into it
+        what = f"{dst} already holds a safetensors checkpoint ({', '.join(held[:3])}{', ...' if len(held) > 3 else ''})"
+    else:
+        what = f"{dst} already exists"
+    raise CLIError(f"{what}; pass --force to replace it (the new checkpoint replaces it only once "
+                   "it is complete)", EXIT_USAGE)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     """``convert SRC DST [--shard-size SIZE]``: a legacy checkpoint to safetensors, safely."""
     src, dst = args.src, args.dst
@@ -719,6 +779,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         # a Hugging Face checkpoint of pytorch_model-*.bin shards: a sharded safetensors one
         if os.path.exists(dst) and not os.path.isdir(dst):
             raise CLIError(f"{dst} is a file; a sharded checkpoint converts into a directory", EXIT_USAGE)
+        _refuse_to_replace(dst, args.force)
         sd = _load_legacy_shards(src)
         return _write_sharded(sd, src, dst, limit if limit is not None else _sharded.parse_size("5GB"),
                               args, "converting shards")
@@ -732,6 +793,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise CLIError(f"{dst} is a directory; give a file name, or use --shard-size to write a "
                        "sharded checkpoint into it", EXIT_USAGE)
 
+    _refuse_to_replace(dst, args.force)
     obj = _load_legacy(src)  # zip checkpoints are mapped: their bytes are read as they are written
     if limit is not None:
         return _write_sharded(obj, src, dst, limit, args, "converting")
@@ -970,11 +1032,13 @@ def build_parser(prog: str = _PROG) -> argparse.ArgumentParser:
                    help="write a Hugging Face sharded checkpoint into directory DST, with shards "
                         "of at most SIZE (e.g. 5GB, 500MB, 2GiB, or bytes; default for a sharded "
                         "SRC: 5GB); needs a state dict")
+    p.add_argument("--force", action="store_true",
+                   help="replace DST if it exists (without it, an existing DST is refused)")
     p.add_argument("--prefix", default="model",
                    help="file name stem of the shards (default: model)")
     p.add_argument("--checksums", action="store_true",
-                   help="record each tensor's CRC32C in the header, for verify --data "
-                        "(single-file output)")
+                   help="record each tensor's CRC32C in the header (of every shard), for "
+                        "verify --data")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar on stderr (default: for files of 64 MiB or more, "
                         "when stderr is a terminal)")
@@ -1017,22 +1081,51 @@ def main(argv: Optional[Sequence[str]] = None, *, prog: Optional[str] = None) ->
         prog: the program name shown in messages.
 
     Returns:
-        The exit status: 0 success, 1 invalid input, 2 usage, 3 I/O, 4 refused legacy file.
+        The exit status: 0 success, 1 invalid input, 2 usage, 3 I/O, 4 refused legacy
+        file, 130 interrupted, 141 output closed early (``| head``).
 
     Example:
         >>> main(["verify", "model.safetensors"])
         OK       model.safetensors (4 tensors, 1.00 MiB)
         0
     """
+    try:
+        return _main(argv, prog)
+    except BrokenPipeError:
+        return _output_closed()
+
+
+def _output_closed() -> int:
+    """The reader of our output went away (``... | head -1``): stop quietly, as Unix
+    tools do when SIGPIPE ends them. What is still buffered goes to /dev/null, so that
+    the interpreter's last flush does not report the broken pipe either."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError):  # stdout without a descriptor (tests): nothing to redirect
+        pass
+    return EXIT_PIPE
+
+
+def _main(argv: Optional[Sequence[str]], prog: Optional[str]) -> int:
     global _PROG
     _PROG = prog or _PROG
     parser = build_parser(_PROG)
     try:
         args = parser.parse_args(argv)
+        sys.stdout.flush()  # --help: a closed pipe shows here, not at exit
     except SystemExit as e:  # --help, or a usage error already reported
+        sys.stdout.flush()
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     try:
-        return int(args.run(args))
+        status = int(args.run(args))
+        sys.stdout.flush()  # a reader that left shows here, not at exit
+        return status
+    except BrokenPipeError:
+        raise
     except CLIError as e:
         _say(str(e))
         return e.status

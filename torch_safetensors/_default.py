@@ -36,15 +36,33 @@ def _check(format: object, fallback: object, *, source: str) -> Tuple[str, Optio
 
 
 def _from_environment() -> Tuple[str, Optional[str]]:
-    """The (format, fallback) the environment asks for; unset or empty means pickle."""
-    fmt = os.environ.get(ENV_FORMAT, "").strip().lower() or "pickle"
-    fallback = os.environ.get(ENV_FALLBACK, "").strip().lower() or None
+    """The (format, fallback) the environment asks for; unset or empty means pickle.
+
+    Raises:
+        ValueError: a value that is neither, in one line that names the variable.
+    """
+    raw_format = os.environ.get(ENV_FORMAT, "")
+    raw_fallback = os.environ.get(ENV_FALLBACK, "")
+    fmt = raw_format.strip().lower() or "pickle"
+    fallback = raw_fallback.strip().lower() or None
     if fallback == "error":
         fallback = None
-    return _check(fmt, fallback, source=f"environment variables {ENV_FORMAT}/{ENV_FALLBACK}")
+    if fmt not in FORMATS:
+        raise ValueError(f"{ENV_FORMAT}={raw_format!r} is not a format: set it to 'safetensors' or "
+                         "'pickle', or unset it")
+    if fallback is not None and fallback not in FALLBACKS:
+        raise ValueError(f"{ENV_FALLBACK}={raw_fallback!r} is not a fallback: set it to 'pickle' or "
+                         "'error', or unset it")
+    return _check(fmt, fallback, source="the environment")
 
 
-_format, _fallback = _from_environment()
+try:
+    _format, _fallback = _from_environment()
+except ValueError as _e:
+    # A misspelt variable stops the program before it writes a checkpoint in a format
+    # nobody asked for: one line, not a traceback through importlib (this often runs
+    # inside "import torch", from the startup hook).
+    raise SystemExit(f"torch_safetensors: {_e}") from None
 
 
 def set_default_format(format: str, *, fallback: Optional[str] = None) -> None:

@@ -317,6 +317,7 @@ def _save_sharded(
     prefix: str = DEFAULT_PREFIX,
     metadata: Optional[Dict[str, str]] = None,
     progress: Optional[Progress] = None,
+    checksums: bool = False,
 ) -> List[str]:
     """save_sharded, with a progress callback; returns the paths written (index last).
 
@@ -335,7 +336,7 @@ def _save_sharded(
     single_name = prefix + ".safetensors"
 
     def saver(tensors: Dict[str, torch.Tensor]) -> Callable[[str], None]:
-        return lambda tmp: _save.save_safetensors(tensors, tmp, meta, durable=True)
+        return lambda tmp: _save.save_safetensors(tensors, tmp, meta, durable=True, checksums=checksums)
 
     written: List[str] = []
     done = 0
@@ -398,6 +399,7 @@ def save_sharded(
     max_shard_size: SIZE = "5GB",
     prefix: str = DEFAULT_PREFIX,
     metadata: Optional[Dict[str, str]] = None,
+    checksums: bool = False,
 ) -> None:
     """Saves a state dict as a Hugging Face sharded safetensors checkpoint.
 
@@ -429,6 +431,8 @@ def save_sharded(
             ``"2GiB"`` (powers of 2).
         prefix: the file name stem (``"model"`` gives ``model.safetensors.index.json``).
         metadata: extra ``str`` -> ``str`` header metadata for every shard.
+        checksums: record each tensor's CRC32C in its shard's header, for
+            ``torch-safetensors verify --data DIRECTORY`` (other readers ignore it).
 
     Returns:
         None
@@ -446,7 +450,8 @@ def save_sharded(
         >>> torch_safetensors.save_sharded(model.state_dict(), "ckpt", max_shard_size="1MB")
         >>> sd = torch.load("ckpt")   # or torch.load("ckpt/model.safetensors.index.json")
     """
-    _save_sharded(state_dict, directory, max_shard_size=max_shard_size, prefix=prefix, metadata=metadata)
+    _save_sharded(state_dict, directory, max_shard_size=max_shard_size, prefix=prefix, metadata=metadata,
+                  checksums=checksums)
 
 
 # ---- finding and checking a checkpoint (the source module decides; kept here by name) ----
