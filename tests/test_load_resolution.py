@@ -146,3 +146,18 @@ def test_garbage_keeps_torchs_message_without_the_legacy_hint(tmp_path):
     with pytest.raises(type(theirs.value)) as ours:
         torch.load(path)
     assert str(ours.value) == str(theirs.value)
+
+
+def test_safetensors_api_on_a_legacy_file_says_what_it_is(files):
+    for fn in (lambda: ts.load_file(files["zip"]), lambda: ts.safe_open(files["zip"], "pt")):
+        with pytest.raises(ts.SafetensorError) as e:
+            fn()
+        assert str(e.value).startswith(f"{files['zip']}: a legacy PyTorch checkpoint (torch.save's zip format)")
+        assert "convert" in str(e.value)
+    with pytest.raises(ts.SafetensorError, match="pre-1.6 pickle format, not a safetensors file"):
+        ts.load_file(files["pre16"])
+    with pytest.raises(ts.SafetensorError, match="zip format\\), not a safetensors file"):
+        ts.load(files["zip"].read_bytes())
+    # a damaged safetensors file keeps the rule it breaks
+    with pytest.raises(ts.SafetensorError, match="data bytes"):
+        ts.load_file(files["truncated"])

@@ -12,7 +12,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Uni
 
 import torch
 
-from . import _C, _checksums, _core
+from . import _C, _checksums, _core, _source
 from ._core import SafetensorError
 
 FILE_PATH = Union[str, "os.PathLike[str]"]
@@ -115,6 +115,13 @@ def _reader(filename: FILE_PATH, use_mmap: bool) -> "_C.Reader":
         err = FileNotFoundError(f"No such file or directory: {os.fsdecode(path)}")
         err.errno = e.errno  # str() stays the message: OSError formats only with strerror set
         raise err from None
+    except SafetensorError as e:
+        # one of torch's own files: say what it is and how to load or convert it
+        try:
+            head = _source.read_head(path, 512)
+        except (OSError, SafetensorError):
+            raise e from None
+        raise _source.not_safetensors(os.fsdecode(path), head, e) from None
 
 
 def _check_backend(backend: str) -> bool:
@@ -260,7 +267,11 @@ def load(data: bytes) -> Dict[str, torch.Tensor]:
         >>> load(save({"a": torch.arange(3)}))
         {'a': tensor([0, 1, 2])}
     """
-    reader = _C.Reader(data=data)
+    try:
+        reader = _C.Reader(data=data)
+    except SafetensorError as e:
+        head = bytes(memoryview(data)[:512]) if isinstance(data, (bytes, bytearray, memoryview)) else b""
+        raise _source.not_safetensors("the bytes", head, e, path=False) from None
     try:
         if _core.FEATURES["aten"]:
             return reader.tensors()
