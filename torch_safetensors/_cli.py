@@ -41,7 +41,9 @@ _STATUS_LINES = {
     0: "  0  success",
     1: "  1  invalid input: a malformed or corrupt file, a shard that disagrees with its\n"
        "     index, or a checkpoint holding objects safetensors cannot store",
-    2: "  2  usage error: bad arguments or options",
+    2: "  2  usage error: bad arguments or options, a directory of several checkpoints\n"
+       "     where one is needed (inspect, verify), or an existing DST (convert without\n"
+       "     --force)",
     3: "  3  I/O error: a file or directory is missing, unreadable or unwritable",
     4: "  4  refused: a legacy checkpoint that the safe (weights_only) unpickler will not\n"
        "     load, because it would run code or is not a plain weights file; nothing in it\n"
