@@ -70,6 +70,8 @@ def read_checksums(metadata: Dict[str, str], path: str) -> Optional[Dict[str, in
         doc = json.loads(text)
     except ValueError:
         raise bad("not JSON") from None
+    except RecursionError:
+        raise bad("nested too deeply") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), dict):
         raise bad("expected {\"algorithm\": ..., \"tensors\": {...}}")
     if doc.get("algorithm") != CHECKSUM_ALGORITHM:
