@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -57,9 +56,14 @@ def cases(refs: int, work: str) -> list:
     # CPU: one large sparse tensor's invariants, checked per referring node
     nnz = 1 << 20
     sp = {"i": torch.arange(nnz, dtype=torch.int64).reshape(1, nnz), "v": torch.ones(nnz)}
-    add("sparse_coo x refs", sp, [{"tk": "sparse_coo", "size": [nnz], "coalesced": bool(i % 2),
+    add("sparse_coo x refs", sp, [{"tk": "sparse_coo", "size": [nnz + i], "coalesced": bool(i % 2),
                                    "indices": {"t": "i", "o": i}, "values": {"t": "v", "o": i}}
                                   for i in range(refs)])
+    csr = torch.ones(1024, 1024).to_sparse_csr()
+    cs = {"c": csr.crow_indices(), "p": csr.col_indices(), "v": csr.values()}
+    add("sparse_csr x refs", cs, [{"tk": "sparse_compressed", "layout": "sparse_csr", "size": [1024, 1024 + i],
+                                   "compressed": {"t": "c", "o": i}, "plain": {"t": "p", "o": i},
+                                   "values": {"t": "v", "o": i}} for i in range(refs)])
     # a legitimate, large structure: time per MB for ordinary files
     path = os.path.join(work, "legit 200k values.safetensors")
     _write(path, {"w": torch.ones(4)}, {"d": {f"k{i}": {"l": [i, f"v{i}", 0.5, None]} for i in range(200_000)}})
@@ -72,8 +76,25 @@ def _child(path: str) -> None:
 
     import torch_safetensors  # noqa: F401
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    rss0 = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    import threading
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    rss0 = top = rss()
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal top
+        while not done.is_set():
+            top = max(top, rss())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     c0 = time.process_time()
     try:
         obj = torch.load(path)
@@ -82,8 +103,10 @@ def _child(path: str) -> None:
         obj = None
         outcome = f"refused: {type(e).__name__}: {str(e)[:70]}"
     cpu = time.process_time() - c0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_growth": max(0, peak - max(rss0, before * 1024)), "cpu": cpu, "outcome": outcome}))
+    top = max(top, rss())
+    done.set()
+    sampler.join()
+    print(json.dumps({"peak_growth": top - rss0, "cpu": cpu, "outcome": outcome}))
     del obj
 
 

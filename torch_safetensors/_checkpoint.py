@@ -575,7 +575,7 @@ class _Builder:
         self.data_spent = 0
         self.derived: Dict[Tuple[str, str, int], Any] = {}  # (tag, stored name, object number) -> value
         self.kinds: Dict[str, torch.Tensor] = {}  # a tk node's canonical text -> the tensor built
-        self.checked: set = set()  # sparse components whose invariants torch has checked
+        self.checked: Dict[tuple, List[int]] = {}  # sparse indices torch has checked -> largest index
 
     def charge(self, nbytes: int) -> None:
         self.spent += nbytes
@@ -745,24 +745,45 @@ class _Builder:
                 ints, self.part(node, "scales", depth), self.part(node, "zero_points", depth), axis)
         size = self.shape(node.get("size"), f"a {tk} tensor's size")
         values = self.part(node, "values", depth)
-        # torch's invariant check reads every index: once per stored tensor, not per node
+        # torch's invariant check reads every index: it runs once per stored index tensors
+        # (and layout, coalesced flag); another node over them checks its size against the
+        # largest index, remembered from that run
         fields = ("indices",) if tk == "sparse_coo" else ("compressed", "plain")
-        once = (tk, tuple(node[f].get("t", id(node[f])) for f in fields), tuple(size),
-                node.get("coalesced"), node.get("layout"))
-        check = once not in self.checked
+        parts = [self.part(node, f, depth) for f in fields]
+        if tk == "sparse_coo":
+            free = list(range(parts[0].shape[0])) if parts[0].dim() == 2 else []
+            blocks = [1] * len(free)
+        else:
+            batch = parts[0].dim() - 1
+            column = node.get("layout") in ("sparse_csr", "sparse_bsr")
+            free = [batch + 1 if column else batch]
+            blocked = node.get("layout") in ("sparse_bsr", "sparse_bsc")
+            blocks = [values.shape[batch + (2 if column else 1)] if blocked and values.dim() > batch + 2 else 1]
+        fixed = tuple(-1 if i in free else n for i, n in enumerate(size))
+        once = (tk, tuple(str(node[f].get("t", "")) for f in fields), fixed, node.get("coalesced"), node.get("layout"))
+        limits = self.checked.get(once)
+        check = limits is None or parts[0].device.type == "meta"
+        if not check:
+            for d, block, top in zip(free, blocks, limits):
+                if top >= size[d] // block:
+                    raise _bad(f"a {tk} tensor's indices are out of range for its size {size}")
         if tk == "sparse_coo":
             coalesced = node.get("coalesced")
             if type(coalesced) is not bool:
                 raise _bad("a sparse tensor's coalesced flag is not a bool")
-            out = torch.sparse_coo_tensor(self.part(node, "indices", depth), values, size,
-                                          is_coalesced=coalesced, check_invariants=check)
+            out = torch.sparse_coo_tensor(parts[0], values, size, is_coalesced=coalesced, check_invariants=check)
         else:
             layout = _types.lookup(_types._LAYOUTS, node.get("layout"), "layout", _bad)
             if layout not in _COMPRESSED:
                 raise _bad(f"{layout} is not a compressed sparse layout")
-            out = torch.sparse_compressed_tensor(self.part(node, "compressed", depth), self.part(node, "plain", depth),
-                                                 values, size, layout=layout, check_invariants=check)
-        self.checked.add(once)
+            out = torch.sparse_compressed_tensor(parts[0], parts[1], values, size, layout=layout,
+                                                 check_invariants=check)
+        if check and parts[0].device.type != "meta":
+            index = parts[0] if tk == "sparse_coo" else parts[1].reshape(1, -1)
+            if index.shape[-1] == 0:
+                self.checked[once] = [-1] * len(free)
+            else:
+                self.checked[once] = index.amax(dim=1).tolist() if tk == "sparse_coo" else [int(index.max())]
         return out
 
     # -- values --
