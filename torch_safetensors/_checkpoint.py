@@ -347,6 +347,19 @@ class _Flattener:
 
     def typed(self, path: str, shown: str, v: Any, kind: type, depth: int) -> Any:
         if kind is dict or kind is OrderedDict:
+            attrs = getattr(v, "__dict__", None) if kind is OrderedDict else None
+            if attrs:
+                # a state dict's _metadata (module versions): pickle keeps it, and a module's
+                # loader reads a missing version as its oldest layout. A flat dict of plain
+                # tensors stays byte-identical to safetensors': the modules whose loading
+                # needs the version all hold values that need a structure anyway
+                # (tests/test_structure_placement.py finds them)
+                body = self.items(path, shown, v, depth)
+                plain, stored = not self.needs_structure, len(self.tensors)
+                extra = self.items(_join(path, "__dict__"), f"{shown}.__dict__", dict(attrs), depth)
+                if depth == 0 and plain and len(self.tensors) == stored:
+                    self.needs_structure = False
+                return {"oda": [body, extra]}
             return {"d" if kind is dict else "od": self.items(path, shown, v, depth)}
         if kind is list or kind is tuple:
             return {"l" if kind is list else "tu": self.seq(path, shown, v, depth)}
@@ -564,8 +577,9 @@ _KIND_FIELDS = {
 
 class _Builder:
     def __init__(self, tensors: Dict[str, torch.Tensor], *, version: int, trusted: bool, budget: int, spent: int,
-                 data_budget: int = 0):
+                 data_budget: int = 0, source: Optional[Any] = None):
         self.tensors = tensors
+        self.source = source  # name -> the stored tensor on the CPU, when map_location moved them
         self.version = version
         self.objects: Dict[Tuple[str, int], Any] = {}  # (stored name, object number) -> the object
         self.allow = _types.Allowlist(trusted=trusted, bad=_bad)
@@ -598,8 +612,29 @@ class _Builder:
                else (tag, _canonical(node), 0))
         if key in self.derived:
             return self.derived[key]
-        out = self.derived[key] = make(self.tensor(node, depth + 1))
+        out = self.derived[key] = make(self.cpu(node, depth + 1))
         return out
+
+    def cpu(self, node: Dict[str, Any], depth: int) -> torch.Tensor:
+        """The CPU tensor a value that is not a torch tensor (bytes, a numpy array) is read
+        from: such values are data, not storages, whatever map_location says."""
+        if "t" not in node:  # a complex (real, imag) pair tensor under a numpy array
+            inner = self.cpu(node["data"], depth + 1)
+            if not inner.is_contiguous():
+                self.copied(inner.numel() * inner.element_size())
+                inner = inner.contiguous()
+            return torch.view_as_complex(inner)
+        name = node["t"]
+        placed = self.tensors[name]
+        if placed.device.type == "cpu":
+            return self.tensor(node, depth)
+        if self.source is not None:
+            return self.source(name)
+        if placed.device.type == "meta":
+            raise _bad(f"tensor {name!r} holds a value that is data, not a tensor, and its bytes were not "
+                       "read (map_location='meta' on a stream); load it with another map_location")
+        self.copied(placed.numel() * placed.element_size())
+        return placed.cpu()
 
     # -- tensors --
 
@@ -672,7 +707,7 @@ class _Builder:
         self.charge(_COST_TENSOR)
         try:
             t = self.flags(node, self.make_kind(tk, node, depth), str(tk))
-        except SafetensorError:
+        except (SafetensorError, NotImplementedError):
             raise
         except (RuntimeError, ValueError, TypeError, IndexError, OverflowError) as e:
             raise _bad(f"a {tk} tensor cannot be rebuilt: {_one_line(e)}") from None
@@ -681,6 +716,8 @@ class _Builder:
         return t
 
     def make_kind(self, tk: str, node: Dict[str, Any], depth: int) -> torch.Tensor:
+        if tk in ("quant", "nested"):
+            _not_on_meta(node, self.tensors, tk)
         if tk == "complex":
             data = self.part(node, "data", depth)
             if data.dtype not in (torch.float64, torch.float32, torch.float16) or data.dim() == 0 or data.shape[-1] != 2:
@@ -762,8 +799,8 @@ class _Builder:
         fixed = tuple(-1 if i in free else n for i, n in enumerate(size))
         once = (tk, tuple(str(node[f].get("t", "")) for f in fields), fixed, node.get("coalesced"), node.get("layout"))
         limits = self.checked.get(once)
-        check = limits is None or parts[0].device.type == "meta"
-        if not check:
+        check = limits is None and values.device.type != "meta"  # a meta tensor has no indices to check
+        if limits is not None:
             for d, block, top in zip(free, blocks, limits):
                 if top >= size[d] // block:
                     raise _bad(f"a {tk} tensor's indices are out of range for its size {size}")
@@ -846,6 +883,14 @@ class _Builder:
         items = self.pairs(body, depth, "OrderedDict")
         out = OrderedDict(items.items() if type(items) is dict else items)
         self.charge(48 * len(out))  # OrderedDict links
+        return out
+
+    def odict_attrs_node(self, body: Any, depth: int) -> Any:
+        """An OrderedDict with attributes (a state dict's ``_metadata``), as pickle keeps it."""
+        items, attrs = self.arity(body, 2, "OrderedDict")
+        out = self.odict_node(items, depth)
+        built = self.pairs(attrs, depth, "OrderedDict attributes")
+        out.__dict__.update(built.items() if type(built) is dict else built)
         return out
 
     def tuple_node(self, body: Any, depth: int) -> Any:
@@ -1015,6 +1060,16 @@ class _Builder:
         return obj
 
 
+def _not_on_meta(node: Dict[str, Any], tensors: Dict[str, torch.Tensor], tk: str) -> None:
+    """torch has no quantized or nested meta tensors: say so, as torch.load does."""
+    sub = node.get("int") if tk == "quant" else (node.get("parts") or [None])[0]
+    name = sub.get("t") if type(sub) is dict else None
+    if name in tensors and tensors[name].device.type == "meta":
+        what = "quantized" if tk == "quant" else "nested"
+        raise NotImplementedError(f"tensor {name!r}: torch has no {what} tensors on the meta device (torch.load "
+                                  "fails the same way); load with map_location='cpu'")
+
+
 def _set_state(obj: Any, state: Any) -> None:
     """pickle's BUILD, as torch's weights_only unpickler does it."""
     setstate = getattr(obj, "__setstate__", None)
@@ -1062,6 +1117,7 @@ _V1_TAGS: Dict[str, Any] = {
 }
 _TAGS: Dict[str, Any] = dict(
     _V1_TAGS,
+    oda=_Builder.odict_attrs_node,
     set=_Builder.set_node,
     fset=lambda b, body, depth: b.set_node(body, depth, frozenset),
     b=_Builder.bytes_node,
@@ -1087,7 +1143,8 @@ _TAGS: Dict[str, Any] = dict(
 
 
 def unflatten(
-    tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]], *, trusted: bool = False
+    tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]], *, trusted: bool = False,
+    source: Optional[Any] = None,
 ) -> Any:
     """Rebuilds what flatten split, from a file's tensors and metadata.
 
@@ -1098,6 +1155,8 @@ def unflatten(
         metadata: the file's ``__metadata__``.
         trusted: the caller passed ``weights_only=False``: classes and functions the
             file names are imported and rebuilt without the allowlist.
+        source: name -> that stored tensor on the CPU, for values that are data rather
+            than tensors (bytes, numpy arrays) when map_location put ``tensors`` elsewhere.
 
     Raises:
         SafetensorError: the structure metadata is malformed, refers to a tensor that the
@@ -1113,7 +1172,7 @@ def unflatten(
     checked = _check(root, version, budget, spent, held)  # the schema first: the builder meets valid nodes
     try:
         return _Builder(tensors, version=version, trusted=trusted, budget=budget, spent=spent,
-                        data_budget=checked.data_budget).build(root, 0)
+                        data_budget=checked.data_budget, source=source).build(root, 0)
     except RecursionError:
         raise _bad("nested too deeply") from None
 
@@ -1524,6 +1583,11 @@ class _Validator:
         self.pairs(body, path, depth, "OrderedDict")
         self.charge(path, 48 * len(body))
 
+    def tag_oda(self, body: Any, path: str, depth: int) -> None:
+        items, attrs = self.arity(body, 2, path, "OrderedDict")
+        self.tag_od(items, path, depth)
+        self.pairs(attrs, _join(path, "__dict__"), depth, "OrderedDict attributes", str_keys=True)
+
     def tag_counter(self, body: Any, path: str, depth: int) -> None:
         self.pairs(body, path, depth, "Counter")
 
@@ -1781,7 +1845,7 @@ def _data_allowance(held: Dict[str, Tuple[Optional[torch.dtype], Tuple[int, ...]
 # ---- describing a structure without building it (the CLI's inspect tree) ----
 
 _DESCRIBE_TYPES = {
-    "d": "dict", "od": "OrderedDict", "l": "list", "tu": "tuple", "set": "set", "fset": "frozenset",
+    "d": "dict", "od": "OrderedDict", "oda": "OrderedDict", "l": "list", "tu": "tuple", "set": "set", "fset": "frozenset",
     "ns": "argparse.Namespace", "counter": "collections.Counter", "dd": "collections.defaultdict",
     "b": "bytes", "ba": "bytearray", "c": "complex", "range": "range", "slice": "slice",
     "dtype": "torch.dtype", "device": "torch.device", "size": "torch.Size", "layout": "torch.layout",
@@ -1845,6 +1909,9 @@ def describe(text: str, tensors: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
             return tensor(node, where)
         (tag, body), = list(node.items())[:1]
         kind = _DESCRIBE_TYPES.get(tag, f"unknown {tag!r}")
+        if tag == "oda" and isinstance(body, list) and len(body) == 2:
+            return {"type": kind, "items": items(body[0], where, depth),
+                    "attributes": items(body[1], where, depth)}
         if tag in ("d", "od", "ns", "counter"):
             return {"type": kind, "items": items(body, where, depth)}
         if tag == "dd" and isinstance(body, list) and len(body) == 2:

@@ -193,7 +193,8 @@ def _finish(reader: "_C.Reader", map_location: Any, trusted: bool = False) -> An
     are rebuilt without the allowlist."""
     try:
         tensors = _read_tensors(reader, map_location)
-        return _checkpoint.unflatten(tensors, reader.metadata(), trusted=trusted)
+        return _checkpoint.unflatten(tensors, reader.metadata(), trusted=trusted,
+                                     source=lambda name: _core.build(reader, [name], "cpu")[name])
     finally:
         reader.close()
 
