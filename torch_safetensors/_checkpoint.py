@@ -215,7 +215,7 @@ class _Flattener:
             flags["g"] = 1
         if flags:
             self.needs_structure = True
-        if type(t) not in (torch.Tensor, _Parameter):
+        if type(t) not in (torch.Tensor, _Parameter) and not t.is_nested:  # jagged ones are a subclass
             return self.subclass(path, shown, t, flags)
         plain = (
             t.layout is torch.strided and not t.is_nested and not t.is_quantized
@@ -308,7 +308,12 @@ class _Flattener:
             raise ValueError(f"{shown}: nested deeper than {MAX_DEPTH} levels")
         kind = type(v)
         if isinstance(v, torch.Tensor):
-            return self.tensor(path, shown, v)
+            try:
+                return self.tensor(path, shown, v)
+            except (TypeError, ValueError, MemoryError):
+                raise
+            except Exception as e:  # noqa: BLE001 - a refusal is a TypeError, whatever raised it
+                raise _refuse(shown, v, f"{type(e).__name__}: {_one_line(e)}") from None
         if kind in _PLAIN:
             self.needs_structure = True
             return _float_node(v) if kind is float else v
@@ -322,6 +327,10 @@ class _Flattener:
         self.active.add(id(v))
         try:
             return self.typed(path, shown, v, kind, depth)
+        except (TypeError, ValueError, MemoryError):
+            raise
+        except Exception as e:  # noqa: BLE001 - a refusal is a TypeError (the pickle fallback's cue)
+            raise _refuse(shown, v, f"{type(e).__name__}: {_one_line(e)}") from None
         finally:
             self.active.discard(id(v))
 
