@@ -187,6 +187,7 @@ class _Flattener:
         self.keep_alive: List[Any] = []
         self.active: set = set()  # ids of containers being walked: cycles are refused
         self.needs_structure = False
+        self.kind_nodes: Dict[int, Dict[str, Any]] = {}  # id of a tensor stored as a kind -> its node
 
     # -- tensors --
 
@@ -223,8 +224,13 @@ class _Flattener:
         )
         if not plain:
             self.needs_structure = True
+            seen_node = self.kind_nodes.get(id(t))
+            if seen_node is not None and seen_node.get("tk") != "meta":
+                return seen_node  # the same object again: an identical node, rebuilt as one object
             node = self.kind(path, shown, t.detach())
             node.update(flags)
+            self.kind_nodes[id(t)] = node
+            self.keep_alive.append(t)
             return node
         node: Dict[str, Any] = {"t": path}
         node.update(flags)
