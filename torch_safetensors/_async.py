@@ -9,10 +9,12 @@ tensor in place as soon as the call returns.
 - Ordering: one writer thread runs saves in call order; two saves to the same path
   land in call order.
 - Memory: at most one snapshot exists. A call made while the previous save is still
-  writing first waits for it, so the extra memory stays one model's size. Snapshot
-  buffers are kept in a pool keyed by size and pinning, reused by the next save of the
-  same size, freed after ``IDLE_SECONDS`` without a save, or at once by
-  ``release_async_buffers()``.
+  writing first waits for it, so the extra memory stays one model's size. The pool
+  keeps at most one idle snapshot buffer, a little larger than the save that used it
+  (``_SLACK``: a header that grows by a few bytes still fits); the next save reuses it
+  if it fits, else it is freed before a new one is allocated. So the pool never holds
+  more than about 1.0x the largest recent save. It is freed after ``IDLE_SECONDS``
+  without a save, or at once by ``release_async_buffers()``.
 - Interpreter exit: saves in flight or queued are completed before the interpreter
   exits (the writer thread is joined at exit, as ``concurrent.futures`` does). A
   process killed mid-write leaves the previous file intact: paths are written to a
@@ -43,33 +45,44 @@ IDLE_SECONDS = 30.0
 # ---- snapshot buffers ----
 
 
+def _capacity(nbytes: int) -> int:
+    """A new buffer's size: the save's, plus a little room (at most 1/64, 64 MiB) for the
+    next save's header to grow, rounded up to a page."""
+    room = min(nbytes // 64, 64 << 20)
+    return -(-(nbytes + room) // 4096) * 4096
+
+
 class _Pool:
-    """Snapshot buffers (uint8 tensors) keyed by (bytes, pinned)."""
+    """At most one idle snapshot buffer (a uint8 tensor at least as large as a save)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._free: Dict[Tuple[int, bool], List[torch.Tensor]] = {}
+        self._free: Dict[Tuple[int, bool], List[torch.Tensor]] = {}  # at most one entry
         self._timer: Optional[threading.Timer] = None
         self._generation = 0
 
     def take(self, nbytes: int, pinned: bool) -> torch.Tensor:
+        """A buffer of at least nbytes: the idle one if it fits (larger is fine), else a
+        new one, allocated after the idle one is freed."""
         with self._lock:
             self._generation += 1
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
-            bufs = self._free.get((nbytes, pinned))
-            if bufs:
-                buf = bufs.pop()
-                if not bufs:
-                    del self._free[(nbytes, pinned)]
-                return buf
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+            key, bufs = next(iter(self._free.items()), ((0, pinned), []))
+            self._free.clear()  # a buffer too small is freed before the new allocation
+            if bufs and key[0] >= nbytes and key[1] == pinned:
+                return bufs[0]
+            del bufs
+        return torch.empty(_capacity(nbytes), dtype=torch.uint8, pin_memory=pinned)
 
     def give(self, buf: torch.Tensor, pinned: bool) -> None:
         with self._lock:
-            # one idle buffer per key is enough: saves run one at a time
-            self._free[(buf.numel(), pinned)] = [buf]
+            # one idle buffer in all: saves run one at a time; keep the larger one
+            idle = [b for bufs in self._free.values() for b in bufs]
+            if idle and idle[0].numel() > buf.numel():
+                buf = idle[0]
+            self._free = {(buf.numel(), pinned): [buf]}
             gen = self._generation
             if self._timer is not None:
                 self._timer.cancel()
@@ -285,12 +298,13 @@ def async_save(obj: Any, f: Any, *, metadata: Optional[Dict[str, str]] = None,
             concurrent.futures.wait([prev])  # bounded memory: one snapshot at a time
         total = len(header) + sum(nbytes for _, _, nbytes in order)
         pinned = any(t.device.type not in ("cpu", "meta") for _, t, _ in order)
-        buf = _pool.take(total, pinned)
+        pooled = _pool.take(total, pinned)
+        buf = pooled[:total]  # the pooled buffer may be larger than this save
         try:
             _snapshot(header, order, buf, non_blocking=pinned)
             events = _record_events(order) if pinned else []
         except BaseException:
-            _pool.give(buf, pinned)
+            _pool.give(pooled, pinned)
             raise
         del order  # the caller's tensors are not kept alive by the save
 
@@ -307,7 +321,7 @@ def async_save(obj: Any, f: Any, *, metadata: Optional[Dict[str, str]] = None,
                         f.flush()
                         os.fsync(f.fileno())
             finally:
-                _pool.give(buf, pinned)
+                _pool.give(pooled, pinned)
 
         fut = _writer().submit(job)
         _last = fut

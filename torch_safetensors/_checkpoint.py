@@ -25,6 +25,8 @@ import copyreg
 import ctypes
 import json
 import math
+import re
+import struct
 import sys
 import types
 from collections import OrderedDict
@@ -189,6 +191,7 @@ class _Flattener:
         self.keep_alive: List[Any] = []
         self.active: set = set()  # ids of containers being walked: cycles are refused
         self.needs_structure = False
+        self.kind_nodes: Dict[int, Dict[str, Any]] = {}  # id of a tensor stored as a kind -> its node
 
     # -- tensors --
 
@@ -217,7 +220,7 @@ class _Flattener:
             flags["g"] = 1
         if flags:
             self.needs_structure = True
-        if type(t) not in (torch.Tensor, _Parameter):
+        if type(t) not in (torch.Tensor, _Parameter) and not t.is_nested:  # jagged ones are a subclass
             return self.subclass(path, shown, t, flags)
         plain = (
             t.layout is torch.strided and not t.is_nested and not t.is_quantized
@@ -225,8 +228,13 @@ class _Flattener:
         )
         if not plain:
             self.needs_structure = True
+            seen_node = self.kind_nodes.get(id(t))
+            if seen_node is not None and seen_node.get("tk") != "meta":
+                return seen_node  # the same object again: an identical node, rebuilt as one object
             node = self.kind(path, shown, t.detach())
             node.update(flags)
+            self.kind_nodes[id(t)] = node
+            self.keep_alive.append(t)
             return node
         node: Dict[str, Any] = {"t": path}
         node.update(flags)
@@ -310,7 +318,12 @@ class _Flattener:
             raise ValueError(f"{shown}: nested deeper than {MAX_DEPTH} levels")
         kind = type(v)
         if isinstance(v, torch.Tensor):
-            return self.tensor(path, shown, v)
+            try:
+                return self.tensor(path, shown, v)
+            except (TypeError, ValueError, MemoryError):
+                raise
+            except Exception as e:  # noqa: BLE001 - a refusal is a TypeError, whatever raised it
+                raise _refuse(shown, v, f"{type(e).__name__}: {_one_line(e)}") from None
         if kind in _PLAIN:
             self.needs_structure = True
             return _float_node(v) if kind is float else v
@@ -324,6 +337,10 @@ class _Flattener:
         self.active.add(id(v))
         try:
             return self.typed(path, shown, v, kind, depth)
+        except (TypeError, ValueError, MemoryError):
+            raise
+        except Exception as e:  # noqa: BLE001 - a refusal is a TypeError (the pickle fallback's cue)
+            raise _refuse(shown, v, f"{type(e).__name__}: {_one_line(e)}") from None
         finally:
             self.active.discard(id(v))
 
@@ -349,6 +366,19 @@ class _Flattener:
 
     def typed(self, path: str, shown: str, v: Any, kind: type, depth: int) -> Any:
         if kind is dict or kind is OrderedDict:
+            attrs = getattr(v, "__dict__", None) if kind is OrderedDict else None
+            if attrs:
+                # a state dict's _metadata (module versions): pickle keeps it, and a module's
+                # loader reads a missing version as its oldest layout. A flat dict of plain
+                # tensors stays byte-identical to safetensors': the modules whose loading
+                # needs the version all hold values that need a structure anyway
+                # (tests/test_structure_placement.py finds them)
+                body = self.items(path, shown, v, depth)
+                plain, stored = not self.needs_structure, len(self.tensors)
+                extra = self.items(_join(path, "__dict__"), f"{shown}.__dict__", dict(attrs), depth)
+                if depth == 0 and plain and len(self.tensors) == stored:
+                    self.needs_structure = False
+                return {"oda": [body, extra]}
             return {"d" if kind is dict else "od": self.items(path, shown, v, depth)}
         if kind is list or kind is tuple:
             return {"l" if kind is list else "tu": self.seq(path, shown, v, depth)}
@@ -565,19 +595,65 @@ _KIND_FIELDS = {
 
 
 class _Builder:
-    def __init__(self, tensors: Dict[str, torch.Tensor], *, version: int, trusted: bool, budget: int, spent: int):
+    def __init__(self, tensors: Dict[str, torch.Tensor], *, version: int, trusted: bool, budget: int, spent: int,
+                 data_budget: int = 0, source: Optional[Any] = None):
         self.tensors = tensors
+        self.source = source  # name -> the stored tensor on the CPU, when map_location moved them
         self.version = version
         self.objects: Dict[Tuple[str, int], Any] = {}  # (stored name, object number) -> the object
         self.allow = _types.Allowlist(trusted=trusted, bad=_bad)
         self.budget = budget
         self.spent = spent
+        self.data_budget = data_budget
+        self.data_spent = 0
+        self.derived: Dict[Tuple[str, str, int], Any] = {}  # (tag, stored name, object number) -> value
+        self.kinds: Dict[str, torch.Tensor] = {}  # a tk node's canonical text -> the tensor built
+        self.checked: Dict[tuple, List[int]] = {}  # sparse indices torch has checked -> largest index
 
     def charge(self, nbytes: int) -> None:
         self.spent += nbytes
         if self.spent > self.budget:
             raise _bad(f"rebuilding it would take more than its memory budget of {self.budget:,} bytes "
                        f"({BUDGET_FACTOR}x the structure text, at least {BUDGET_FLOOR:,})", "budget")
+
+    def copied(self, nbytes: int) -> None:
+        """Every copy of stored data the decoder makes is charged here, before it is made:
+        at most one copy of what the file holds, in all."""
+        self.data_spent += nbytes
+        if self.data_spent > self.data_budget:
+            raise _bad(f"its values would copy {self.data_spent:,} bytes of tensor data, more than the "
+                       f"{self.data_budget:,} bytes the file holds", "budget")
+
+    def data(self, tag: str, node: Dict[str, Any], depth: int, make: Any) -> Any:
+        """A value built from a stored tensor (bytes, a numpy array): one per object the
+        file names, however often it is referred to."""
+        key = ((tag, node["t"], 0 if node.get("same") == 1 else node.get("o", 0)) if "t" in node
+               else (tag, _canonical(node), 0))
+        if key in self.derived:
+            return self.derived[key]
+        out = self.derived[key] = make(self.cpu(node, depth + 1))
+        return out
+
+    def cpu(self, node: Dict[str, Any], depth: int) -> torch.Tensor:
+        """The CPU tensor a value that is not a torch tensor (bytes, a numpy array) is read
+        from: such values are data, not storages, whatever map_location says."""
+        if "t" not in node:  # a complex (real, imag) pair tensor under a numpy array
+            inner = self.cpu(node["data"], depth + 1)
+            if not inner.is_contiguous():
+                self.copied(inner.numel() * inner.element_size())
+                inner = inner.contiguous()
+            return torch.view_as_complex(inner)
+        name = node["t"]
+        placed = self.tensors[name]
+        if placed.device.type == "cpu":
+            return self.tensor(node, depth)
+        if self.source is not None:
+            return self.source(name)
+        if placed.device.type == "meta":
+            raise _bad(f"tensor {name!r} holds a value that is data, not a tensor, and its bytes were not "
+                       "read (map_location='meta' on a stream); load it with another map_location")
+        self.copied(placed.numel() * placed.element_size())
+        return placed.cpu()
 
     # -- tensors --
 
@@ -644,21 +720,31 @@ class _Builder:
         extra = set(node) - _KIND_FIELDS[tk] - {"tk", "p", "g"}
         if extra:
             raise _bad(f"a {tk} tensor has unexpected fields {sorted(extra)[:4]}")
+        key = _canonical(node) if tk != "meta" else None  # distinct meta tensors have equal nodes
+        if key is not None and key in self.kinds:
+            return self.kinds[key]  # the same node again: the same object, built and checked once
         self.charge(_COST_TENSOR)
         try:
-            t = self.make_kind(tk, node, depth)
-        except SafetensorError:
+            t = self.flags(node, self.make_kind(tk, node, depth), str(tk))
+        except (SafetensorError, NotImplementedError):
             raise
         except (RuntimeError, ValueError, TypeError, IndexError, OverflowError) as e:
             raise _bad(f"a {tk} tensor cannot be rebuilt: {_one_line(e)}") from None
-        return self.flags(node, t, str(tk))
+        if key is not None:
+            self.kinds[key] = t
+        return t
 
     def make_kind(self, tk: str, node: Dict[str, Any], depth: int) -> torch.Tensor:
+        if tk in ("quant", "nested"):
+            _not_on_meta(node, self.tensors, tk)
         if tk == "complex":
             data = self.part(node, "data", depth)
             if data.dtype not in (torch.float64, torch.float32, torch.float16) or data.dim() == 0 or data.shape[-1] != 2:
                 raise _bad("a complex tensor's data is not (real, imag) pairs")
-            return torch.view_as_complex(data if data.stride(-1) == 1 else data.contiguous())
+            if data.stride(-1) != 1 or data.dim() > 1 and data.stride(-2) % 2:
+                self.copied(data.numel() * data.element_size())
+                data = data.contiguous()
+            return torch.view_as_complex(data)
         if tk == "sub":
             cls = self.allow.resolve(node.get("cls"), "tensor subclass")
             if not (isinstance(cls, type) and issubclass(cls, torch.Tensor)):
@@ -692,6 +778,7 @@ class _Builder:
                 if type(p) is not dict:
                     raise _bad("a nested tensor's part is not a tensor")
                 tensors.append(self.tensor(p, depth + 1))
+            self.copied(sum(p.numel() * p.element_size() for p in tensors))  # nested_tensor copies its parts
             return torch.nested.nested_tensor(tensors, layout=layout)
         if tk == "quant":
             dtype = _types.lookup(_types._DTYPES, node.get("dtype"), "dtype", _bad)
@@ -701,6 +788,7 @@ class _Builder:
             ints = self.part(node, "int", depth)
             if ints.dtype is not _QDTYPES.get(dtype):
                 raise _bad(f"a {dtype} tensor's integers are {ints.dtype}")
+            self.copied(ints.numel() * ints.element_size())  # the quantized tensor copies its integers
             if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric):
                 scale, zp = self.build(node.get("scale"), depth + 1), node.get("zero_point")
                 if type(scale) is not float or type(zp) is not int:
@@ -713,17 +801,46 @@ class _Builder:
                 ints, self.part(node, "scales", depth), self.part(node, "zero_points", depth), axis)
         size = self.shape(node.get("size"), f"a {tk} tensor's size")
         values = self.part(node, "values", depth)
+        # torch's invariant check reads every index: it runs once per stored index tensors
+        # (and layout, coalesced flag); another node over them checks its size against the
+        # largest index, remembered from that run
+        fields = ("indices",) if tk == "sparse_coo" else ("compressed", "plain")
+        parts = [self.part(node, f, depth) for f in fields]
+        if tk == "sparse_coo":
+            free = list(range(parts[0].shape[0])) if parts[0].dim() == 2 else []
+            blocks = [1] * len(free)
+        else:
+            batch = parts[0].dim() - 1
+            column = node.get("layout") in ("sparse_csr", "sparse_bsr")
+            free = [batch + 1 if column else batch]
+            blocked = node.get("layout") in ("sparse_bsr", "sparse_bsc")
+            blocks = [values.shape[batch + (2 if column else 1)] if blocked and values.dim() > batch + 2 else 1]
+        fixed = tuple(-1 if i in free else n for i, n in enumerate(size))
+        once = (tk, tuple(str(node[f].get("t", "")) for f in fields), fixed, node.get("coalesced"), node.get("layout"))
+        limits = self.checked.get(once)
+        check = limits is None and values.device.type != "meta"  # a meta tensor has no indices to check
+        if limits is not None:
+            for d, block, top in zip(free, blocks, limits):
+                if top >= size[d] // block:
+                    raise _bad(f"a {tk} tensor's indices are out of range for its size {size}")
         if tk == "sparse_coo":
             coalesced = node.get("coalesced")
             if type(coalesced) is not bool:
                 raise _bad("a sparse tensor's coalesced flag is not a bool")
-            return torch.sparse_coo_tensor(self.part(node, "indices", depth), values, size,
-                                           is_coalesced=coalesced, check_invariants=True)
-        layout = _types.lookup(_types._LAYOUTS, node.get("layout"), "layout", _bad)
-        if layout not in _COMPRESSED:
-            raise _bad(f"{layout} is not a compressed sparse layout")
-        return torch.sparse_compressed_tensor(self.part(node, "compressed", depth), self.part(node, "plain", depth),
-                                              values, size, layout=layout, check_invariants=True)
+            out = torch.sparse_coo_tensor(parts[0], values, size, is_coalesced=coalesced, check_invariants=check)
+        else:
+            layout = _types.lookup(_types._LAYOUTS, node.get("layout"), "layout", _bad)
+            if layout not in _COMPRESSED:
+                raise _bad(f"{layout} is not a compressed sparse layout")
+            out = torch.sparse_compressed_tensor(parts[0], parts[1], values, size, layout=layout,
+                                                 check_invariants=check)
+        if check and parts[0].device.type != "meta":
+            index = parts[0] if tk == "sparse_coo" else parts[1].reshape(1, -1)
+            if index.shape[-1] == 0:
+                self.checked[once] = [-1] * len(free)
+            else:
+                self.checked[once] = index.amax(dim=1).tolist() if tk == "sparse_coo" else [int(index.max())]
+        return out
 
     # -- values --
 
@@ -787,6 +904,14 @@ class _Builder:
         self.charge(48 * len(out))  # OrderedDict links
         return out
 
+    def odict_attrs_node(self, body: Any, depth: int) -> Any:
+        """An OrderedDict with attributes (a state dict's ``_metadata``), as pickle keeps it."""
+        items, attrs = self.arity(body, 2, "OrderedDict")
+        out = self.odict_node(items, depth)
+        built = self.pairs(attrs, depth, "OrderedDict attributes")
+        out.__dict__.update(built.items() if type(built) is dict else built)
+        return out
+
     def tuple_node(self, body: Any, depth: int) -> Any:
         out = tuple(self.seq(body, depth, "tuple"))
         body.clear()
@@ -809,11 +934,14 @@ class _Builder:
             except (ValueError, UnicodeEncodeError):
                 raise _bad("bytes are not base64") from None
         if type(body) is dict:
-            t = self.tensor(body, depth + 1)
-            if type(t) is not torch.Tensor or t.dtype is not torch.uint8 or t.dim() != 1 or t.device.type != "cpu":
-                raise _bad("bytes are not a 1-d uint8 CPU tensor")
-            t = t.contiguous()
-            return kind(ctypes.string_at(t.data_ptr(), t.numel()) if t.numel() else b"")
+            def make(t: torch.Tensor) -> Any:
+                if (type(t) is not torch.Tensor or t.layout is not torch.strided or t.dtype is not torch.uint8
+                        or t.dim() != 1 or t.device.type != "cpu"):
+                    raise _bad("bytes are not a 1-d uint8 CPU tensor")
+                self.copied(t.numel())
+                t = t.contiguous()
+                return kind(ctypes.string_at(t.data_ptr(), t.numel()) if t.numel() else b"")
+            return self.data(kind.__name__, body, depth, make)
         raise _bad("bytes are neither base64 nor a tensor")
 
     def arity(self, body: Any, n: int, what: str) -> List[Any]:
@@ -865,7 +993,9 @@ class _Builder:
         items = items.items() if type(items) is dict else items
         if any(type(k) is not str for k, _ in items):
             raise _bad("a Namespace has a key that is not a str")
-        return _types.Namespace(**dict(items))
+        out = _types.Namespace()
+        out.__dict__.update(items)  # what vars() gave on save: no attribute is set (not even __class__)
+        return out
 
     def counter_node(self, body: Any, depth: int) -> Any:
         items = self.pairs(body, depth, "Counter")
@@ -888,10 +1018,12 @@ class _Builder:
         text, data = self.arity(body, 2, "numpy array")
         if type(data) is not dict:
             raise _bad("a numpy array's data is not a tensor")
-        t = self.tensor(data, depth + 1)
-        if type(t) is not torch.Tensor:
-            raise _bad("a numpy array's data is not a plain tensor")
-        return _types.tensor_to_array(text, t, _bad)
+        def make(t: torch.Tensor) -> Any:
+            if type(t) is not torch.Tensor:
+                raise _bad("a numpy array's data is not a plain tensor")
+            arr = _types.tensor_to_array(text, t, _bad, self.copied)
+            return arr
+        return self.data("nd", data, depth, make)
 
     def npscalar_node(self, body: Any, depth: int) -> Any:
         text, value = self.arity(body, 2, "numpy scalar")
@@ -947,6 +1079,16 @@ class _Builder:
         return obj
 
 
+def _not_on_meta(node: Dict[str, Any], tensors: Dict[str, torch.Tensor], tk: str) -> None:
+    """torch has no quantized or nested meta tensors: say so, as torch.load does."""
+    sub = node.get("int") if tk == "quant" else (node.get("parts") or [None])[0]
+    name = sub.get("t") if type(sub) is dict else None
+    if name in tensors and tensors[name].device.type == "meta":
+        what = "quantized" if tk == "quant" else "nested"
+        raise NotImplementedError(f"tensor {name!r}: torch has no {what} tensors on the meta device (torch.load "
+                                  "fails the same way); load with map_location='cpu'")
+
+
 def _set_state(obj: Any, state: Any) -> None:
     """pickle's BUILD, as torch's weights_only unpickler does it."""
     setstate = getattr(obj, "__setstate__", None)
@@ -994,6 +1136,7 @@ _V1_TAGS: Dict[str, Any] = {
 }
 _TAGS: Dict[str, Any] = dict(
     _V1_TAGS,
+    oda=_Builder.odict_attrs_node,
     set=_Builder.set_node,
     fset=lambda b, body, depth: b.set_node(body, depth, frozenset),
     b=_Builder.bytes_node,
@@ -1019,7 +1162,8 @@ _TAGS: Dict[str, Any] = dict(
 
 
 def unflatten(
-    tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]], *, trusted: bool = False
+    tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]], *, trusted: bool = False,
+    source: Optional[Any] = None,
 ) -> Any:
     """Rebuilds what flatten split, from a file's tensors and metadata.
 
@@ -1030,6 +1174,8 @@ def unflatten(
         metadata: the file's ``__metadata__``.
         trusted: the caller passed ``weights_only=False``: classes and functions the
             file names are imported and rebuilt without the allowlist.
+        source: name -> that stored tensor on the CPU, for values that are data rather
+            than tensors (bytes, numpy arrays) when map_location put ``tensors`` elsewhere.
 
     Raises:
         SafetensorError: the structure metadata is malformed, refers to a tensor that the
@@ -1040,14 +1186,12 @@ def unflatten(
     text = (metadata or {}).get(STRUCTURE_KEY)
     if text is None:
         return tensors
-    doc, budget, spent = _parse(text)
-    version = doc.get("version") if type(doc) is dict else None
-    if type(version) is not int or version not in READABLE_VERSIONS or "root" not in doc:
-        raise _bad(f"expected an object with a version in {READABLE_VERSIONS} and a root")
-    root = doc.pop("root")
-    del doc
+    root, version, budget, spent = _document(text)
+    held = {name: (t.dtype, tuple(t.shape), t.numel() * t.element_size()) for name, t in tensors.items()}
+    checked = _check(root, version, budget, spent, held)  # the schema first: the builder meets valid nodes
     try:
-        return _Builder(tensors, version=version, trusted=trusted, budget=budget, spent=spent).build(root, 0)
+        return _Builder(tensors, version=version, trusted=trusted, budget=budget, spent=spent,
+                        data_budget=checked.data_budget, source=source).build(root, 0)
     except RecursionError:
         raise _bad("nested too deeply") from None
 
@@ -1094,10 +1238,633 @@ def _raise_constant(c: str) -> Any:
     raise _bad(f"the non-standard JSON constant {c}")
 
 
+# ---- validating a structure against its schema, without building it ----
+#
+# verify runs this alone; every load runs it first, so a structure that loads is one that
+# verifies, and the builder below meets only well-formed nodes. Nothing is imported,
+# resolved or instantiated: class and function references are collected for the report.
+
+_REF_PART = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
+_REF_TEXT = re.compile(f"{_REF_PART}:{_REF_PART}\\Z")
+_NP_CHAR = {"b1": torch.bool, "i1": torch.int8, "i2": torch.int16, "i4": torch.int32, "i8": torch.int64,
+            "u1": torch.uint8, "u2": torch.uint16, "u4": torch.uint32, "u8": torch.uint64,
+            "f2": torch.float16, "f4": torch.float32, "f8": torch.float64,
+            "c8": torch.complex64, "c16": torch.complex128}
+_UNHASHABLE = {"d", "od", "l", "set", "ba", "ns", "counter", "dd", "nd"}
+_QSCHEMES_READ = ("per_tensor_affine", "per_channel_affine", "per_channel_affine_float_qparams")
+_PER_CHANNEL_DTYPES = {"per_channel_affine": (torch.float64, torch.int64),
+                       "per_channel_affine_float_qparams": (torch.float32, torch.float32)}
+_INDEX_DTYPES = (torch.int32, torch.int64)
+_DENSE = ("dense",)  # tensor kinds a component may be: strided, plain-typed (complex included)
+
+
+class _Info:
+    """What a tensor node builds, as far as the schema can tell: kind, dtype, shape."""
+
+    __slots__ = ("kind", "dtype", "shape", "grad")
+
+    def __init__(self, kind: str, dtype: Optional[torch.dtype], shape: Tuple[int, ...], grad: bool = False):
+        self.kind, self.dtype, self.shape, self.grad = kind, dtype, shape, grad
+
+
+def _where(path: str) -> str:
+    return path if path else "<root>"
+
+
+class _Validator:
+    """One pass over a parsed structure: fields and types of every node, tensor references
+    with the dtype and shape each node needs, the invariants of sparse, quantized and
+    nested tensors that the header decides, and what building it would cost."""
+
+    def __init__(self, tensors: Dict[str, Tuple[Optional[torch.dtype], Tuple[int, ...], int]], *,
+                 version: int, budget: int, spent: int) -> None:
+        self.tensors = tensors  # name -> (torch dtype or None, torch shape, stored bytes)
+        self.version = version
+        self.budget = budget
+        self.spent = spent
+        self.data_budget = _data_allowance(tensors)
+        self.data_spent = 0
+        self.classes: Dict[str, None] = {}
+        self.seen: set = set()  # (name, object number) already counted
+        self.kinds: Dict[str, _Info] = {}  # a tk node's canonical text -> what it builds
+        self.copied: set = set()  # (role, name, object number) whose copy is counted
+
+    def bad(self, path: str, msg: str) -> SafetensorError:
+        return _bad(f"at {_where(path)}: {msg}")
+
+    def charge(self, path: str, nbytes: int) -> None:
+        self.spent += nbytes
+        if self.spent > self.budget:
+            raise _bad(f"at {_where(path)}: rebuilding it would take more than its memory budget of "
+                       f"{self.budget:,} bytes ({BUDGET_FACTOR}x the structure text, at least "
+                       f"{BUDGET_FLOOR:,})", "budget")
+
+    def charge_data(self, path: str, nbytes: int) -> None:
+        """Copies of stored data: at most one copy of what the file holds, in all."""
+        self.data_spent += nbytes
+        if self.data_spent > self.data_budget:
+            raise _bad(f"at {_where(path)}: its values would copy {self.data_spent:,} bytes of tensor data, "
+                       f"more than the {self.data_budget:,} bytes the file holds", "budget")
+
+    def copy(self, path: str, role: str, node: Dict[str, Any], nbytes: int) -> None:
+        """A value that copies a stored tensor: counted once per object it builds."""
+        key = (role, node.get("t"), 0 if node.get("same") == 1 else node.get("o", 0))
+        if key not in self.copied:
+            self.copied.add(key)
+            self.charge_data(path, nbytes)
+
+    # -- tensors --
+
+    def ref(self, node: Dict[str, Any], path: str) -> _Info:
+        extra = set(node) - _TENSOR_FLAGS
+        if extra:
+            raise self.bad(path, f"a tensor reference has unexpected fields {sorted(extra)[:4]}")
+        name = node.get("t")
+        if type(name) is not str:
+            raise self.bad(path, "a tensor reference is not a string")
+        if name not in self.tensors:
+            raise self.bad(path, f"it refers to a tensor {name[:200]!r} that the file does not hold")
+        for flag in ("p", "g", "same"):
+            if flag in node and (type(node[flag]) is not int or node[flag] != 1):
+                raise self.bad(path, f"tensor {name[:200]!r}: flag {flag!r} is not 1")
+        number = node.get("o", 0)
+        if type(number) is not int or number < 0:
+            raise self.bad(path, f"tensor {name[:200]!r}: object number {str(number)[:20]!r} is not a natural number")
+        dtype, shape, _nbytes = self.tensors[name]
+        if dtype is None:
+            raise self.bad(path, f"tensor {name[:200]!r} has a dtype this version of torch cannot hold")
+        key = (name, 0 if node.get("same") == 1 else number)
+        if key[1] != 0 and key not in self.seen:
+            self.charge(path, _COST_TENSOR)
+        self.seen.add(key)
+        return self.flagged(node, _Info("param" if node.get("p") == 1 else "dense", dtype, shape), path, name)
+
+    def flagged(self, node: Dict[str, Any], info: _Info, path: str, what: str) -> _Info:
+        for flag in ("p", "g"):
+            if flag in node and (type(node[flag]) is not int or node[flag] != 1):
+                raise self.bad(path, f"{what[:200]!r}: flag {flag!r} is not 1")
+        if node.get("g") == 1:
+            if info.dtype is None or not (info.dtype.is_floating_point or info.dtype.is_complex):
+                raise self.bad(path, f"tensor {what[:200]!r} of dtype {info.dtype} cannot require grad")
+            info.grad = True
+        if node.get("p") == 1:
+            info.kind = "param" if info.kind == "dense" else info.kind
+        return info
+
+    def tensor(self, node: Any, path: str, depth: int) -> _Info:
+        if type(node) is not dict or ("t" not in node and "tk" not in node):
+            raise self.bad(path, "not a tensor")
+        if "tk" not in node:
+            return self.ref(node, path)
+        tk = node.get("tk")
+        if type(tk) is not str or tk not in _KIND_FIELDS:
+            raise self.bad(path, f"unknown tensor kind {str(tk)[:40]!r}")
+        extra = set(node) - _KIND_FIELDS[tk] - {"tk", "p", "g"}
+        if extra:
+            raise self.bad(path, f"a {tk} tensor has unexpected fields {sorted(extra)[:4]}")
+        key = _canonical(node)
+        known = self.kinds.get(key)
+        if known is not None:
+            return known  # the very same node again: the builder returns the same object
+        self.charge(path, _COST_TENSOR)
+        check = getattr(self, "kind_" + tk, None)
+        info = check(node, path, depth) if check is not None else self.kind_generic(node, path, depth)
+        info = self.flagged(node, info, path, tk)
+        self.kinds[key] = info
+        return info
+
+    def part(self, node: Dict[str, Any], field: str, path: str, depth: int, kinds: Tuple[str, ...] = _DENSE) -> _Info:
+        sub = node.get(field)
+        where = _join(path, field)
+        if type(sub) is not dict or ("t" not in sub and "tk" not in sub):
+            raise self.bad(where, f"a {node.get('tk')} tensor's {field!r} is not a tensor")
+        if depth + 1 > MAX_DEPTH:
+            raise self.bad(where, f"nested deeper than {MAX_DEPTH} levels")
+        info = self.tensor(sub, where, depth + 1)
+        if info.kind not in kinds:
+            raise self.bad(where, f"a {node.get('tk')} tensor's {field!r} is not a plain dense tensor")
+        return info
+
+    def sizes(self, value: Any, path: str, what: str) -> Tuple[int, ...]:
+        if type(value) is not list or len(value) > 64 or any(type(n) is not int or n < 0 or n >= 1 << 62 for n in value):
+            raise self.bad(path, f"{what} is not a list of sizes")
+        return tuple(value)
+
+    def kind_complex(self, node: Dict[str, Any], path: str, depth: int) -> _Info:
+        data = self.part(node, "data", path, depth)
+        pairs = {torch.float64: torch.complex128, torch.float32: torch.complex64, torch.float16: torch.complex32}
+        if data.dtype not in pairs or not data.shape or data.shape[-1] != 2:
+            raise self.bad(path, "a complex tensor's data is not (real, imag) pairs")
+        return _Info("dense", pairs[data.dtype], data.shape[:-1])
+
+    def kind_sub(self, node: Dict[str, Any], path: str, depth: int) -> _Info:
+        cls = node.get("cls")
+        if type(cls) is not str or not _REF_TEXT.match(cls):
+            raise self.bad(path, "a tensor subclass reference is not 'module:qualname'")
+        self.classes[cls.replace(":", ".")] = None
+        data = self.part(node, "data", path, depth)
+        if "state" in node:
+            state = node["state"]
+            if type(state) is not dict or set(state) != {"d"}:
+                raise self.bad(_join(path, "state"), "a tensor subclass's state is not a dict")
+            self.node(state, _join(path, "state"), depth + 1)
+        return _Info("sub", data.dtype, data.shape)
+
+    def kind_meta(self, node: Dict[str, Any], path: str, depth: int) -> _Info:
+        dtype = _types._DTYPES.get(node.get("dtype")) if type(node.get("dtype")) is str else None
+        if dtype is None:
+            raise self.bad(path, f"unknown dtype {str(node.get('dtype'))[:40]!r}")
+        shape = self.sizes(node.get("shape"), path, "a meta tensor's shape")
+        stride = node.get("stride")
+        if stride is not None and len(self.sizes(stride, path, "a meta tensor's stride")) != len(shape):
+            raise self.bad(path, "a meta tensor's stride and shape differ in length")
+        return _Info("meta", dtype, shape)
+
+    def kind_nested(self, node: Dict[str, Any], path: str, depth: int) -> _Info:
+        parts = node.get("parts")
+        layout = node.get("layout")
+        if layout not in ("strided", "jagged"):
+            raise self.bad(path, "unknown nested tensor layout")
+        if type(parts) is not list or not parts:
+            raise self.bad(path, "a nested tensor has no parts")
+        infos = []
+        for i, p in enumerate(parts):
+            if depth + 1 > MAX_DEPTH:
+                raise self.bad(path, f"nested deeper than {MAX_DEPTH} levels")
+            info = self.tensor(p, f"{path}[{i}]", depth + 1)
+            if info.kind not in ("dense", "param"):
+                raise self.bad(f"{path}[{i}]", "a nested tensor's part is not a dense tensor")
+            infos.append(info)
+        first = infos[0]
+        for i, info in enumerate(infos):
+            if info.dtype != first.dtype or len(info.shape) != len(first.shape):
+                raise self.bad(f"{path}[{i}]", "a nested tensor's parts differ in dtype or number of dimensions")
+            if layout == "jagged" and (not info.shape or info.shape[1:] != first.shape[1:]):
+                raise self.bad(f"{path}[{i}]", "a jagged nested tensor's parts differ beyond their first dimension")
+        self.charge_data(path, sum(_numel(i.shape) * _itemsize(i.dtype) for i in infos))  # nested_tensor copies
+        return _Info("nested", first.dtype, (len(infos),))
+
+    def kind_quant(self, node: Dict[str, Any], path: str, depth: int) -> _Info:
+        dtype = _types._DTYPES.get(node.get("dtype")) if type(node.get("dtype")) is str else None
+        if dtype not in _QDTYPES:
+            raise self.bad(path, f"{str(node.get('dtype'))[:40]!r} is not a quantized dtype")
+        scheme = node.get("scheme")
+        if scheme not in _QSCHEMES_READ:
+            raise self.bad(path, f"unknown quantization scheme {str(scheme)[:40]!r}")
+        ints = self.part(node, "int", path, depth)
+        if ints.dtype is not _QDTYPES[dtype]:
+            raise self.bad(path, f"a {dtype} tensor's integers are {ints.dtype}")
+        if scheme == "per_tensor_affine":
+            if {"scales", "zero_points", "axis"} & set(node):
+                raise self.bad(path, "a per-tensor quantized tensor has per-channel fields")
+            if not _is_float_node(node.get("scale")) or type(node.get("zero_point")) is not int \
+                    or not -(1 << 63) <= node["zero_point"] < 1 << 63:
+                raise self.bad(path, "a quantized tensor's scale or zero point is not a number")
+        else:
+            if {"scale", "zero_point"} & set(node):
+                raise self.bad(path, "a per-channel quantized tensor has per-tensor fields")
+            axis = node.get("axis")
+            if type(axis) is not int or not 0 <= axis < len(ints.shape):
+                raise self.bad(path, f"per-channel axis {str(axis)[:20]} out of range for shape {list(ints.shape)}")
+            want = _PER_CHANNEL_DTYPES[scheme]
+            for field, dt in zip(("scales", "zero_points"), want):
+                info = self.part(node, field, path, depth)
+                if info.dtype is not dt or info.shape != (ints.shape[axis],):
+                    raise self.bad(_join(path, field), f"per-channel {field} must be {dt} of shape "
+                                   f"[{ints.shape[axis]}] (the size of axis {axis}), not {info.dtype} "
+                                   f"{list(info.shape)}")
+        self.charge_data(path, _numel(ints.shape) * _itemsize(ints.dtype))  # the quantized tensor's own copy
+        return _Info("quant", dtype, ints.shape)
+
+    def kind_sparse_coo(self, node: Dict[str, Any], path: str, depth: int) -> _Info:
+        size = self.sizes(node.get("size"), path, "a sparse_coo tensor's size")
+        if type(node.get("coalesced")) is not bool:
+            raise self.bad(path, "a sparse tensor's coalesced flag is not a bool")
+        indices = self.part(node, "indices", path, depth)
+        values = self.part(node, "values", path, depth)
+        if indices.dtype is not torch.int64 or len(indices.shape) != 2:
+            raise self.bad(path, "a sparse tensor's indices are not a 2-d int64 tensor")
+        sparse_dim, nnz = indices.shape
+        if not values.shape or values.shape[0] != nnz:
+            raise self.bad(path, f"a sparse tensor has {nnz} indices but values of shape {list(values.shape)}")
+        if sparse_dim + len(values.shape) - 1 != len(size) or tuple(values.shape[1:]) != size[sparse_dim:]:
+            raise self.bad(path, f"a sparse tensor's indices and values do not fit its size {list(size)}")
+        return _Info("sparse", values.dtype, size)
+
+    def kind_sparse_compressed(self, node: Dict[str, Any], path: str, depth: int) -> _Info:
+        size = self.sizes(node.get("size"), path, "a sparse_compressed tensor's size")
+        layout = node.get("layout")
+        if layout not in ("sparse_csr", "sparse_csc", "sparse_bsr", "sparse_bsc"):
+            raise self.bad(path, f"{str(layout)[:40]!r} is not a compressed sparse layout")
+        comp = self.part(node, "compressed", path, depth)
+        plain = self.part(node, "plain", path, depth)
+        values = self.part(node, "values", path, depth)
+        if comp.dtype not in _INDEX_DTYPES or plain.dtype is not comp.dtype:
+            raise self.bad(path, "compressed sparse indices are not both int32 or both int64")
+        if not comp.shape or len(plain.shape) != len(comp.shape) or comp.shape[:-1] != plain.shape[:-1]:
+            raise self.bad(path, "compressed sparse indices differ in their batch dimensions")
+        batch = len(comp.shape) - 1
+        blocked = layout in ("sparse_bsr", "sparse_bsc")
+        dense = len(values.shape) - batch - 1 - (2 if blocked else 0)
+        if dense < 0 or len(size) != batch + 2 + dense or size[:batch] != comp.shape[:-1] \
+                or values.shape[:batch] != comp.shape[:-1] or values.shape[batch] != plain.shape[-1]:
+            raise self.bad(path, f"a {layout} tensor's indices and values do not fit its size {list(size)}")
+        along = batch + (0 if layout in ("sparse_csr", "sparse_bsr") else 1)
+        block = values.shape[batch + 1 + (0 if along == batch else 1)] if blocked else 1
+        if block == 0 or size[along] % block or comp.shape[-1] != size[along] // block + 1:
+            raise self.bad(path, f"a {layout} tensor's compressed indices do not fit its size {list(size)}")
+        if dense and values.shape[len(values.shape) - dense:] != size[len(size) - dense:]:
+            raise self.bad(path, f"a {layout} tensor's values do not fit its size {list(size)}")
+        return _Info("sparse", values.dtype, size)
+
+    def kind_generic(self, node: Dict[str, Any], path: str, depth: int) -> _Info:
+        """A kind this validator has no schema for: its tensors must exist, its values be nodes."""
+        for field, value in node.items():
+            if field in ("tk", "p", "g"):
+                continue
+            if type(value) is dict and ("t" in value or "tk" in value):
+                self.tensor(value, _join(path, field), depth + 1)
+            elif type(value) is not str:
+                self.node(value, _join(path, field), depth + 1)
+        return _Info(str(node["tk"]), None, ())
+
+    # -- values --
+
+    def node(self, node: Any, path: str, depth: int) -> None:
+        if depth > MAX_DEPTH:
+            raise self.bad(path, f"nested deeper than {MAX_DEPTH} levels")
+        if node is None or type(node) in (bool, int, float, str):
+            return
+        if type(node) is list:
+            raise self.bad(path, "a bare JSON array where a tagged node was expected")
+        if type(node) is not dict or len(node) == 0:
+            raise self.bad(path, "a node is not a tagged JSON object")
+        if "t" in node or "tk" in node:
+            self.tensor(node, path, depth)
+            return
+        if len(node) != 1:
+            raise self.bad(path, f"a node has unexpected fields {sorted(node)[:4]}")
+        (tag, body), = node.items()
+        if tag not in (_V1_TAGS if self.version == 1 else _TAGS):
+            raise self.bad(path, f"unknown node tag {str(tag)[:40]!r}")
+        getattr(self, "tag_" + tag)(body, path, depth)
+
+    def seq(self, body: Any, path: str, depth: int, what: str) -> List[Any]:
+        if type(body) is not list:
+            raise self.bad(path, f"the body of a {what} node is not a list")
+        for i, item in enumerate(body):
+            self.node(item, f"{path}[{i}]", depth + 1)
+        return body
+
+    def pairs(self, body: Any, path: str, depth: int, what: str, str_keys: bool = False) -> None:
+        if type(body) is dict and self.version >= 2:
+            for k, v in body.items():
+                self.node(v, _join(path, k), depth + 1)
+            return
+        if type(body) is not list:
+            raise self.bad(path, f"the body of a {what} node is not a list of pairs")
+        for i, pair in enumerate(body):
+            if type(pair) is not list or len(pair) != 2:
+                raise self.bad(f"{path}[{i}]", f"a {what} item is not a [key, value] pair")
+            k, v = pair
+            if self.version == 1 and type(k) not in (str, int):
+                raise self.bad(f"{path}[{i}]", f"a dict key of type {type(k).__name__}")
+            if str_keys and type(k) is not str:
+                raise self.bad(f"{path}[{i}]", f"a {what} key is not a str")
+            shown = _join(path, k) if type(k) is str else f"{path}[{str(k)[:40]}]"
+            self.node(k, f"{path}[{i}].key", depth + 1)
+            if self.hashable(k) is False:
+                raise self.bad(f"{path}[{i}]", f"a {what} key is not hashable")
+            self.node(v, shown, depth + 1)
+
+    def hashable(self, node: Any) -> Optional[bool]:
+        """Whether a (checked) node builds a hashable value; None when only building tells."""
+        if type(node) is not dict:
+            return True
+        if "t" in node or "tk" in node:
+            return True
+        (tag, body), = node.items()
+        if tag in _UNHASHABLE or (tag == "slice" and sys.version_info < (3, 12)):
+            return False
+        if tag == "tu":
+            answers = [self.hashable(x) for x in body]
+            return False if False in answers else (None if None in answers else True)
+        return None if tag == "obj" else True
+
+    def tag_f(self, body: Any, path: str, depth: int) -> None:
+        if body not in ("nan", "inf", "-inf"):
+            raise self.bad(path, f"unknown float {str(body)[:40]!r}")
+
+    def tag_d(self, body: Any, path: str, depth: int) -> None:
+        self.pairs(body, path, depth, "dict")
+
+    def tag_od(self, body: Any, path: str, depth: int) -> None:
+        self.pairs(body, path, depth, "OrderedDict")
+        self.charge(path, 48 * len(body))
+
+    def tag_oda(self, body: Any, path: str, depth: int) -> None:
+        items, attrs = self.arity(body, 2, path, "OrderedDict")
+        self.tag_od(items, path, depth)
+        self.pairs(attrs, _join(path, "__dict__"), depth, "OrderedDict attributes", str_keys=True)
+
+    def tag_counter(self, body: Any, path: str, depth: int) -> None:
+        self.pairs(body, path, depth, "Counter")
+
+    def tag_ns(self, body: Any, path: str, depth: int) -> None:
+        self.pairs(body, path, depth, "Namespace", str_keys=True)
+
+    def tag_l(self, body: Any, path: str, depth: int) -> None:
+        self.seq(body, path, depth, "list")
+
+    def tag_tu(self, body: Any, path: str, depth: int) -> None:
+        self.seq(body, path, depth, "tuple")
+
+    def tag_set(self, body: Any, path: str, depth: int) -> None:
+        for i, item in enumerate(self.seq(body, path, depth, "set")):
+            if self.hashable(item) is False:
+                raise self.bad(f"{path}[{i}]", "a set holds an unhashable item")
+        self.charge(path, 32 * len(body))
+
+    tag_fset = tag_set
+
+    def tag_b(self, body: Any, path: str, depth: int, role: str = "b") -> None:
+        if type(body) is str:
+            try:
+                base64.b64decode(body.encode("ascii"), validate=True)
+            except (ValueError, UnicodeEncodeError):
+                raise self.bad(path, "bytes are not base64") from None
+            self.charge(path, len(body))
+            return
+        if type(body) is not dict or "t" not in body or "tk" in body or "p" in body or "g" in body:
+            raise self.bad(path, "bytes are neither base64 nor a plain tensor reference")
+        info = self.ref(body, path)
+        if info.dtype is not torch.uint8 or len(info.shape) != 1:
+            raise self.bad(path, "bytes are not a 1-d uint8 tensor")
+        self.copy(path, role, body, info.shape[0])
+
+    def tag_ba(self, body: Any, path: str, depth: int) -> None:
+        self.tag_b(body, path, depth, "ba")
+
+    def number(self, node: Any, path: str) -> None:
+        if type(node) is int:
+            try:
+                float(node)
+            except OverflowError:
+                raise self.bad(path, "a complex part is an int too large for a float") from None
+        elif not _is_float_node(node):
+            raise self.bad(path, "a complex part is not a number")
+
+    def arity(self, body: Any, n: int, path: str, what: str) -> List[Any]:
+        if type(body) is not list or len(body) != n:
+            raise self.bad(path, f"a {what} node does not have {n} items")
+        return body
+
+    def tag_c(self, body: Any, path: str, depth: int) -> None:
+        for part in self.arity(body, 2, path, "complex"):
+            self.number(part, path)
+
+    def tag_range(self, body: Any, path: str, depth: int) -> None:
+        parts = self.arity(body, 3, path, "range")
+        if any(type(p) is not int for p in parts) or parts[2] == 0:
+            raise self.bad(path, "a range is not three ints with a nonzero step")
+
+    def tag_slice(self, body: Any, path: str, depth: int) -> None:
+        self.seq(self.arity(body, 3, path, "slice"), path, depth, "slice")
+
+    def tag_size(self, body: Any, path: str, depth: int) -> None:
+        if type(body) is not list or len(body) > 1 << 16 or any(
+                type(n) is not int or not -(1 << 63) <= n < 1 << 63 for n in body):
+            raise self.bad(path, "a torch.Size is not a list of 64-bit ints")
+
+    def tag_device(self, body: Any, path: str, depth: int) -> None:
+        if type(body) is not str or len(body) > 64:
+            raise self.bad(path, "a device is not a short string")
+        try:
+            torch.device(body)
+        except (RuntimeError, ValueError) as e:
+            raise self.bad(path, f"device {body!r}: {_one_line(e)}") from None
+
+    def tag_dtype(self, body: Any, path: str, depth: int) -> None:
+        _types.lookup(_types._DTYPES, body, "dtype", lambda m: self.bad(path, m))
+
+    def tag_layout(self, body: Any, path: str, depth: int) -> None:
+        _types.lookup(_types._LAYOUTS, body, "layout", lambda m: self.bad(path, m))
+
+    def tag_mfmt(self, body: Any, path: str, depth: int) -> None:
+        _types.lookup(_types._MEMORY_FORMATS, body, "memory format", lambda m: self.bad(path, m))
+
+    def tag_path(self, body: Any, path: str, depth: int) -> None:
+        kind, text = self.arity(body, 2, path, "path")
+        if type(kind) is not str or kind not in _types.PATH_TYPES or type(text) is not str:
+            raise self.bad(path, "a path is not a known path type and a string")
+
+    def tag_dd(self, body: Any, path: str, depth: int) -> None:
+        factory, items = self.arity(body, 2, path, "defaultdict")
+        if type(factory) is str:
+            if factory not in _types.DEFAULT_FACTORIES:
+                raise self.bad(path, f"unknown defaultdict factory {factory[:40]!r}")
+        elif factory is not None:
+            if type(factory) is not dict or len(factory) != 1 or next(iter(factory)) not in ("ref", "obj"):
+                raise self.bad(path, "a defaultdict factory is not a class or function")
+            self.node(factory, _join(path, "default_factory"), depth + 1)
+        self.pairs(items, path, depth, "defaultdict")
+
+    def np_dtype(self, text: Any, path: str) -> torch.dtype:
+        if type(text) is not str or not _types._NP_DTYPE.match(text) or text[1:] not in _NP_CHAR:
+            raise self.bad(path, f"unknown numpy dtype {str(text)[:40]!r}")
+        return _NP_CHAR[text[1:]]
+
+    def tag_nd(self, body: Any, path: str, depth: int) -> None:
+        text, data = self.arity(body, 2, path, "numpy array")
+        want = self.np_dtype(text, path)
+        if type(data) is not dict or "p" in data or "g" in data or not (
+                "t" in data and "tk" not in data or data.get("tk") == "complex"):
+            raise self.bad(path, "a numpy array's data is not a plain tensor")
+        info = self.tensor(data, path, depth + 1)
+        if info.dtype is not want:
+            raise self.bad(path, f"a numpy array of dtype {text!r} holds {info.dtype} data")
+        swapped = text[0] == ">" and sys.byteorder == "little" or text[0] == "<" and sys.byteorder == "big"
+        if swapped and "t" in data:
+            self.copy(path, "nd", data, _numel(info.shape) * _itemsize(info.dtype))
+
+    def tag_npv(self, body: Any, path: str, depth: int) -> None:
+        text, value = self.arity(body, 2, path, "numpy scalar")
+        self.np_dtype(text, path)
+        kind, size = text[1], int(text[2:])
+        if kind == "b":
+            ok = type(value) is bool
+        elif kind in "iu":
+            bits = 8 * size
+            lo, hi = (-(1 << (bits - 1)), 1 << (bits - 1)) if kind == "i" else (0, 1 << bits)
+            ok = type(value) is int and lo <= value < hi
+        elif kind == "f":
+            ok = _is_float_node(value) or type(value) is int and _fits_float(value, size)
+            ok = ok and (type(value) is not float or _fits_float(value, size))
+        else:
+            ok = _is_float_node(value) or type(value) is int and _fits_float(value, 8) or (
+                type(value) is dict and set(value) == {"c"})
+            if type(value) is dict and "c" in value:
+                self.tag_c(value["c"], path, depth + 1)
+        if not ok:
+            raise self.bad(path, f"a numpy {text} scalar holds {str(value)[:40]}")
+
+    def tag_npdt(self, body: Any, path: str, depth: int) -> None:
+        self.np_dtype(body, path)
+
+    def reference(self, ref: Any, path: str, role: str) -> None:
+        if type(ref) is not str or not _REF_TEXT.match(ref):
+            raise self.bad(path, f"a {role} reference is not 'module:qualname'")
+        self.classes[ref.replace(":", ".")] = None
+
+    def tag_ref(self, body: Any, path: str, depth: int) -> None:
+        self.reference(body, path, "class or function")
+
+    def tag_obj(self, body: Any, path: str, depth: int) -> None:
+        if type(body) is not dict:
+            raise self.bad(path, "an object node is not a JSON object")
+        extra = set(body) - {"new", "call", "args", "kwargs", "state", "list", "dict"}
+        if extra or ("new" in body) == ("call" in body):
+            raise self.bad(path, "an object node needs exactly one of 'new' and 'call', and nothing unknown")
+        self.reference(body.get("new", body.get("call")), path, "class" if "new" in body else "callable")
+        self.charge(path, _COST_OBJECT)
+        if "args" in body:
+            self.seq(body["args"], _join(path, "args"), depth, "arguments")
+        if "kwargs" in body:
+            self.pairs(body["kwargs"], _join(path, "kwargs"), depth, "keyword arguments", str_keys=True)
+        if "state" in body:
+            self.node(body["state"], path, depth + 1)
+        if "list" in body:
+            self.seq(body["list"], _join(path, "items"), depth, "list items")
+        if "dict" in body:
+            self.pairs(body["dict"], _join(path, "items"), depth, "dict items")
+
+
+def _canonical(node: Dict[str, Any]) -> str:
+    return json.dumps(node, sort_keys=True, separators=(",", ":"))
+
+
+def _numel(shape: Tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _itemsize(dtype: Optional[torch.dtype]) -> int:
+    return dtype.itemsize if dtype is not None else 0
+
+
+def _is_float_node(node: Any) -> bool:
+    return type(node) is float or type(node) is dict and len(node) == 1 and node.get("f") in ("nan", "inf", "-inf")
+
+
+def _fits_float(value: Any, size: int) -> bool:
+    fmt = {2: "<e", 4: "<f", 8: "<d"}.get(size, "<d")
+    try:
+        struct.pack(fmt, float(value))
+    except (OverflowError, struct.error):
+        return False
+    return True
+
+
+def _check(root: Any, version: int, budget: int, spent: int,
+           tensors: Dict[str, Tuple[Optional[torch.dtype], Tuple[int, ...], int]]) -> _Validator:
+    v = _Validator(tensors, version=version, budget=budget, spent=spent)
+    try:
+        v.node(root, "", 0)
+    except RecursionError:
+        raise _bad("nested too deeply") from None
+    return v
+
+
+def _document(text: str) -> Tuple[Any, int, int, int]:
+    """(root, version, budget, spent) of a structure text, or SafetensorError."""
+    doc, budget, spent = _parse(text)
+    version = doc.get("version") if type(doc) is dict else None
+    if type(version) is not int or version not in READABLE_VERSIONS or "root" not in doc:
+        raise _bad(f"expected an object with a version in {READABLE_VERSIONS} and a root")
+    extra = set(doc) - {"version", "root"}
+    if extra:
+        raise _bad(f"the document has unexpected fields {sorted(extra)[:4]}")
+    return doc["root"], version, budget, spent
+
+
+def validate(text: str, tensors: Dict[str, Tuple[str, Any, int]]) -> Dict[str, Any]:
+    """Checks a structure against its schema without building anything (``verify``).
+
+    Args:
+        text: the structure JSON (the value of ``STRUCTURE_KEY``).
+        tensors: the file's tensors by name: (safetensors dtype name, shape, stored bytes).
+
+    Returns:
+        ``{"version": int, "classes": [names of the classes and functions it refers to]}``:
+        whether this process allows them is a loading question, not a validity one.
+
+    Raises:
+        SafetensorError: naming the node's path and what is wrong, or the budget.
+    """
+    root, version, budget, spent = _document(text)
+    held = {}
+    for name, (dtype, shape, nbytes) in tensors.items():
+        torch_dtype = DTYPES.get(dtype)
+        shape = list(shape)
+        if dtype == "F4" and shape and shape[-1] % 2 == 0:
+            shape[-1] //= 2
+        held[name] = (torch_dtype, tuple(shape), nbytes)
+    v = _check(root, version, budget, spent, held)
+    return {"version": version, "classes": sorted(v.classes)}
+
+
+def _data_allowance(held: Dict[str, Tuple[Optional[torch.dtype], Tuple[int, ...], int]]) -> int:
+    """Values that are copies of stored data (bytes, byte-swapped arrays, quantized and
+    nested tensors) may take one copy of the data the file holds, besides the budget."""
+    return sum(n for _d, _s, n in held.values())
+
+
 # ---- describing a structure without building it (the CLI's inspect tree) ----
 
 _DESCRIBE_TYPES = {
-    "d": "dict", "od": "OrderedDict", "l": "list", "tu": "tuple", "set": "set", "fset": "frozenset",
+    "d": "dict", "od": "OrderedDict", "oda": "OrderedDict", "l": "list", "tu": "tuple", "set": "set", "fset": "frozenset",
     "ns": "argparse.Namespace", "counter": "collections.Counter", "dd": "collections.defaultdict",
     "b": "bytes", "ba": "bytearray", "c": "complex", "range": "range", "slice": "slice",
     "dtype": "torch.dtype", "device": "torch.device", "size": "torch.Size", "layout": "torch.layout",
@@ -1161,6 +1928,9 @@ def describe(text: str, tensors: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
             return tensor(node, where)
         (tag, body), = list(node.items())[:1]
         kind = _DESCRIBE_TYPES.get(tag, f"unknown {tag!r}")
+        if tag == "oda" and isinstance(body, list) and len(body) == 2:
+            return {"type": kind, "items": items(body[0], where, depth),
+                    "attributes": items(body[1], where, depth)}
         if tag in ("d", "od", "ns", "counter"):
             return {"type": kind, "items": items(body, where, depth)}
         if tag == "dd" and isinstance(body, list) and len(body) == 2:

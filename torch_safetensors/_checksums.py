@@ -33,6 +33,8 @@ def tensor_crc(t: torch.Tensor) -> Optional[int]:
         return None
     if t.device.type != "cpu":
         t = t.cpu()
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()  # the values the writer stores, not the memory under the bits
     if not t.is_contiguous():
         t = t.contiguous()  # one tensor at a time: bounded by the largest tensor
     nbytes = t.numel() * t.element_size()
@@ -70,6 +72,8 @@ def read_checksums(metadata: Dict[str, str], path: str) -> Optional[Dict[str, in
         doc = json.loads(text)
     except ValueError:
         raise bad("not JSON") from None
+    except RecursionError:
+        raise bad("nested too deeply") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("tensors"), dict):
         raise bad("expected {\"algorithm\": ..., \"tensors\": {...}}")
     if doc.get("algorithm") != CHECKSUM_ALGORITHM:

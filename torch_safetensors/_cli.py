@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Text
 
 import torch
 
-from . import _C, _checkpoint, _core, _legacy_map, _load, _save, _sharded, _source
+from . import _C, _checkpoint, _core, _legacy_map, _save, _sharded, _source
 from ._checksums import CHECKSUM_ALGORITHM, CHECKSUM_KEY, file_crc as _file_crc, read_checksums
 from ._core import SafetensorError
 
@@ -306,11 +306,17 @@ def _open(path: str) -> "_C.Reader":
     return _sharded._open_reader(path, True)
 
 
-def _check_structure(reader: "_C.Reader") -> None:
-    """Validates a whole-checkpoint structure key, building meta tensors only (no data read)."""
+def _check_structure(reader: "_C.Reader") -> List[str]:
+    """Validates a whole-checkpoint structure key against its schema: nothing is built,
+    imported or resolved. Returns the classes and functions it names (for the report)."""
     meta = reader.metadata() or {}
-    if _checkpoint.STRUCTURE_KEY in meta:
-        _checkpoint.unflatten(_load.read_tensors(reader, "meta"), meta)
+    if _checkpoint.STRUCTURE_KEY not in meta:
+        return []
+    held = {}
+    for name in reader.offset_keys():
+        dtype, shape, begin, end = reader.info(name)
+        held[name] = (dtype, shape, end - begin)
+    return _checkpoint.validate(meta[_checkpoint.STRUCTURE_KEY], held)["classes"]
 
 
 def aliases(metadata: Dict[str, str], names: Sequence[str],
@@ -336,8 +342,7 @@ def _describe_file(path: str, reader: Optional["_C.Reader"] = None, *, check: bo
     """One file's entries and totals; closes the reader."""
     reader = reader if reader is not None else _open(path)
     try:
-        if check:
-            _check_structure(reader)
+        classes = _check_structure(reader) if check else []
         tensors = []
         for name in reader.offset_keys():
             dtype, shape, begin, end = reader.info(name)
@@ -355,6 +360,8 @@ def _describe_file(path: str, reader: Optional["_C.Reader"] = None, *, check: bo
                                                            {t["name"]: t for t in tensors})
             except SafetensorError as e:
                 out["file"]["tree_error"] = str(e)
+        if check:
+            out["file"]["classes"] = classes
         names = [t["name"] for t in tensors]
         out["file"]["aliases"] = aliases(meta, names, out["file"].get("tree"))
         return out
@@ -491,6 +498,18 @@ def _check_data(path: str) -> str:
     try:
         recorded = read_checksums(reader.metadata() or {}, path)
         names = reader.offset_keys()
+        if recorded is not None:
+            held = set(names)
+            unknown = [n for n in recorded if n not in held]
+            missing = [n for n in names if n not in recorded]
+            if unknown or missing:
+                which = unknown or missing
+                say = "names tensors the file does not hold" if unknown else "miss tensors the file holds"
+                raise _core.error(
+                    f"{path}: the checksums recorded at save time {say}: "
+                    f"{', '.join(repr(_shown(n)) for n in which[:5])}{', ...' if len(which) > 5 else ''} "
+                    f"({len(which)} of {len(names)} tensors): the header was changed after saving",
+                    "checksum", which[0])
         bad = []
         for name in names:
             _dtype, _shape, begin, end = reader.info(name)
@@ -527,16 +546,22 @@ def cmd_verify(args: argparse.Namespace) -> int:
             invalid += 1
             _emit(f"INVALID  {path}: {_without_path(_one_line(str(e)), path)}")
             continue
-        except (SafetensorError, ValueError, TypeError) as e:
-            invalid += 1
-            _emit(f"INVALID  {path}: {_without_path(_one_line(str(e)), path)}")
-            continue
         except OSError as e:
             if isinstance(e, FileNotFoundError):
                 missing += 1
             else:
                 unreadable += 1
             _emit(f"ERROR    {path}: {_without_path(_os_message(e), path)}")
+            continue
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # noqa: BLE001 - a crafted file is one INVALID line, whatever it raises
+            invalid += 1
+            message = _one_line(str(e)) if isinstance(e, (SafetensorError, CLIError)) else \
+                _one_line(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+            if message.startswith(f"{path}: "):
+                message = message[len(path) + 2:]  # the line already names the file
+            _emit(f"INVALID  {path}: {message}")
             continue
         what = (f"sharded, {len(desc['files'])} files, " if desc["index"] else "")
         if args.data:
@@ -545,6 +570,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
                 f"{os.path.basename(f['path'])}: {n}" for f, n in zip(desc["files"], notes))
         else:
             note = "header and layout checked; tensor data not read: --data reads it"
+        classes = sorted({c for f in desc["files"] for c in f.get("classes", ())})
+        if classes:
+            shown = ", ".join(classes[:5]) + (f", ... ({len(classes)} in all)" if len(classes) > 5 else "")
+            note += f"; names {shown} (loading needs them allowed)"
         count = desc["total_tensors"]
         _emit(f"OK       {path} ({what}{count:,} tensor{'s' if count != 1 else ''}, "
               f"{_human(desc['total_bytes'])}; {note})")

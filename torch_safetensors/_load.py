@@ -116,7 +116,8 @@ def finish(reader: "_C.Reader", map_location: Any, trusted: bool = False) -> Any
             names are rebuilt without the allowlist.
     """
     try:
-        return _checkpoint.unflatten(read_tensors(reader, map_location), reader.metadata(), trusted=trusted)
+        return _checkpoint.unflatten(read_tensors(reader, map_location), reader.metadata(), trusted=trusted,
+                                     source=lambda name: _core.build(reader, [name], "cpu")[name])
     finally:
         reader.close()
 

@@ -134,7 +134,8 @@ def array_to_tensor(arr: Any, shown: str) -> Tuple[str, torch.Tensor]:
         raise TypeError(f"{shown}: numpy dtype {arr.dtype} has no torch equivalent; convert it first") from None
 
 
-def tensor_to_array(text: Any, t: torch.Tensor, bad: Any) -> Any:
+def tensor_to_array(text: Any, t: torch.Tensor, bad: Any, charge: Any = None) -> Any:
+    """The numpy array a stored tensor holds; charge(nbytes) before a byte-swapping copy."""
     dt = numpy_dtype(text, bad)
     if t.layout is not torch.strided or t.device.type != "cpu" or t.requires_grad:
         raise bad("a numpy array's data is not a plain CPU tensor")
@@ -144,7 +145,11 @@ def tensor_to_array(text: Any, t: torch.Tensor, bad: Any) -> Any:
         raise bad(f"a numpy array's data cannot become numpy ({e})") from None
     if arr.dtype != dt.newbyteorder("="):
         raise bad(f"a numpy array of dtype {text!r} holds {t.dtype} data")
-    return arr if arr.dtype == dt else arr.astype(dt)
+    if arr.dtype == dt:
+        return arr
+    if charge is not None:
+        charge(arr.nbytes)
+    return arr.astype(dt)
 
 
 def numpy_scalar(text: Any, value: Any, bad: Any) -> Any:

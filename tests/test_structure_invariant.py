@@ -1,0 +1,278 @@
+"""One invariant over the whole type table (issue 22, section 1).
+
+For values drawn from every row of the README's "What a checkpoint can hold" table, alone,
+nested, tied (one tensor object in several places) and inside containers (and as dict keys
+where allowed):
+
+- torch.save then torch.load gives an exact copy: types, bits, ties and key order;
+- ``verify`` and ``verify --data`` (checksums recorded) say OK, with no allowlist;
+- loading from a BytesIO and from a pipe gives the same as loading from the path;
+- async_save writes the same bytes as torch.save;
+- the safetensors package reads every tensor, with the bytes ours reads.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import dataclasses
+import datetime
+import io
+import math
+import os
+import pathlib
+import struct
+import threading
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import torch_safetensors
+from torch_safetensors import _C, _cli
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: float
+
+
+# ---- strategies over the type table ----
+
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int16,
+           torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128, torch.uint16, torch.uint32,
+           torch.float8_e4m3fn]
+_FLOATS = st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([-0.0, math.nan, math.inf])
+_KEYS = st.text(alphabet="abcxyz_0", min_size=1, max_size=4)
+
+
+@st.composite
+def dense(draw):
+    dtype = draw(st.sampled_from(_DTYPES))
+    shape = draw(st.lists(st.integers(0, 3), max_size=3))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
+    raw = torch.randint(0, 256, (max(1, math.prod(shape)) * torch.empty((), dtype=dtype).element_size(),),
+                        dtype=torch.uint8, generator=gen)
+    t = raw.view(dtype)[: math.prod(shape)].reshape(shape).clone()
+    how = draw(st.sampled_from(["plain", "param", "grad", "conj", "transposed"]))
+    if how in ("param", "grad") and (t.is_floating_point() or t.is_complex()) and dtype is not torch.float8_e4m3fn:
+        t = torch.nn.Parameter(t) if how == "param" else t.requires_grad_(True)
+    elif how == "conj" and t.is_complex():
+        t = t.conj()
+    elif how == "transposed" and t.dim() == 2:
+        t = t.t()
+    return t
+
+
+@st.composite
+def tensor_kind(draw):
+    kind = draw(st.sampled_from(["coo", "csr", "bsr", "quant", "quant_channel", "nested", "jagged", "meta"]))
+    n = draw(st.integers(1, 4))
+    base = torch.arange(float(n * n)).reshape(n, n) * (torch.rand(n, n) > 0.5)
+    if kind == "coo":
+        return base.to_sparse() if draw(st.booleans()) else torch.sparse_coo_tensor(
+            [[0, 0], [1, 1]], [1.0, 2.0], (2, 2))  # uncoalesced
+    if kind == "csr":
+        return base.to_sparse_csr()
+    if kind == "bsr":
+        return torch.arange(16.0).reshape(4, 4).to_sparse_bsr((2, 2))
+    if kind == "quant":
+        return torch.quantize_per_tensor(base, draw(st.sampled_from([0.1, 0.5])), draw(st.integers(0, 5)),
+                                         draw(st.sampled_from([torch.qint8, torch.quint8, torch.qint32])))
+    if kind == "quant_channel":
+        return torch.quantize_per_channel(base, torch.rand(n, dtype=torch.double) + 0.1,
+                                          torch.randint(0, 5, (n,)), draw(st.integers(0, 1)), torch.quint8)
+    if kind == "nested":
+        return torch.nested.nested_tensor([torch.ones(draw(st.integers(0, 3))), torch.arange(2.0)])
+    if kind == "jagged":
+        return torch.nested.nested_tensor([torch.ones(2, 3), torch.arange(3.0 * n).reshape(n, 3)], layout=torch.jagged)
+    return torch.empty(n, 2, device="meta", dtype=draw(st.sampled_from([torch.float32, torch.int64])))
+
+
+_NP_DTYPES = ["<f4", ">f8", "<i2", ">i4", "|u1", "|b1", "<c8", ">c16", "<u8", "<f2"]
+
+
+@st.composite
+def numpy_value(draw):
+    dt = np.dtype(draw(st.sampled_from(_NP_DTYPES)))
+    shape = tuple(draw(st.lists(st.integers(0, 3), max_size=2)))
+    raw = np.frombuffer(np.random.default_rng(draw(st.integers(0, 99))).bytes(int(np.prod(shape)) * dt.itemsize),
+                        dtype=np.uint8)
+    arr = raw.view(dt.newbyteorder("=") if dt.kind == "b" else dt).reshape(shape)
+    if dt.kind == "b":
+        arr = (raw % 2).astype(bool).reshape(shape)
+    kind = draw(st.sampled_from(["array", "scalar", "dtype"]))
+    if kind == "array":
+        return arr.copy()
+    if kind == "dtype":
+        return dt
+    return np.dtype(dt.newbyteorder("=")).type(0) if arr.size == 0 else arr.reshape(-1)[:1].astype(
+        dt.newbyteorder("="))[0]
+
+
+_HASHABLE = st.recursive(
+    st.none() | st.booleans() | st.integers() | _KEYS | st.binary(max_size=4) | st.sampled_from([torch.float16, 1.5]),
+    lambda inner: st.tuples(inner, inner) | st.frozensets(st.integers(0, 9), max_size=3), max_leaves=4)
+
+_LEAF = st.one_of(
+    st.none(), st.booleans(), st.integers(-2 ** 70, 2 ** 70), _FLOATS, st.text(max_size=8),
+    st.binary(max_size=8), st.binary(min_size=4096, max_size=4200), st.binary(max_size=6).map(bytearray),
+    st.binary(min_size=4096, max_size=4100).map(bytearray),
+    st.complex_numbers(allow_nan=False), st.builds(range, st.integers(-5, 5), st.integers(-5, 5), st.sampled_from([1, 2, -1])),
+    st.builds(slice, st.integers(0, 3), st.none() | st.integers(0, 3), st.none() | st.just(2)),
+    st.sampled_from([torch.float32, torch.bfloat16, torch.device("cpu"), torch.device("meta"), torch.Size([2, 3]),
+                     torch.strided, torch.sparse_coo, torch.channels_last, pathlib.PurePosixPath("a/b"),
+                     pathlib.PureWindowsPath("c:/x"), datetime.date(2024, 5, 1), Point(1, 2.5), Point]),
+    numpy_value(),
+)
+
+
+@st.composite
+def checkpoint(draw):
+    """A tree over the type table whose tensors come from a small pool: ties."""
+    pool = draw(st.lists(dense() | tensor_kind(), min_size=1, max_size=4))
+    leaf = _LEAF | st.sampled_from(pool)
+
+    def containers(inner):
+        return st.one_of(
+            st.dictionaries(_KEYS, inner, max_size=3),
+            st.dictionaries(_KEYS, inner, max_size=3).map(collections.OrderedDict),
+            st.dictionaries(_HASHABLE, inner, max_size=3),
+            st.lists(inner, max_size=3), st.lists(inner, max_size=3).map(tuple),
+            st.sets(st.integers(0, 9) | _KEYS, max_size=3), st.frozensets(st.integers(0, 9), max_size=3),
+            st.dictionaries(_KEYS, inner, max_size=3).map(lambda d: argparse.Namespace(**d)),
+            st.dictionaries(_KEYS, st.integers(0, 5), max_size=3).map(collections.Counter),
+            st.dictionaries(_KEYS, inner, max_size=3).map(lambda d: collections.defaultdict(list, d)),
+        )
+
+    tree = draw(st.recursive(leaf, containers, max_leaves=8))
+    return {"root": tree, "also": draw(st.lists(st.sampled_from(pool), max_size=3)),
+            "leaves": draw(st.lists(_LEAF, min_size=1, max_size=4)),
+            "numpy": draw(st.lists(numpy_value(), max_size=2)),
+            "keys": draw(st.dictionaries(_HASHABLE, leaf, max_size=2)), "n": 1}
+
+
+# ---- exact equality: types, bits, ties, key order ----
+
+
+def _bits(t):
+    t = t.detach().resolve_conj().resolve_neg()
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return t.contiguous().reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+
+
+def _same_tensor(a, b):
+    assert type(a) is type(b) and a.dtype == b.dtype and a.layout == b.layout and a.is_nested == b.is_nested
+    assert a.requires_grad == b.requires_grad and a.device == b.device
+    if not a.is_nested:
+        assert a.shape == b.shape and (a.layout != torch.strided or a.stride() == b.stride() or a.numel() <= 1
+                                       or not a.is_contiguous())
+    if a.device.type == "meta":
+        return
+    if a.is_nested:
+        assert all(torch.equal(_bits(x), _bits(y)) for x, y in zip(a.unbind(), b.unbind()))
+    elif a.is_quantized:
+        assert a.qscheme() == b.qscheme() and torch.equal(a.int_repr(), b.int_repr())
+        if a.qscheme() == torch.per_tensor_affine:
+            assert (a.q_scale(), a.q_zero_point()) == (b.q_scale(), b.q_zero_point())
+        else:
+            assert torch.equal(a.q_per_channel_scales(), b.q_per_channel_scales())
+            assert a.q_per_channel_axis() == b.q_per_channel_axis()
+    elif a.layout == torch.sparse_coo:
+        assert a.is_coalesced() == b.is_coalesced()
+        assert torch.equal(a._indices(), b._indices()) and torch.equal(_bits(a._values()), _bits(b._values()))
+    elif a.layout != torch.strided:
+        assert torch.equal(a.to_dense(), b.to_dense())
+    else:
+        assert torch.equal(_bits(a), _bits(b))
+
+
+def same(a, b, ties):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor)
+        if id(a) in ties and a.device.type != "meta":
+            assert ties[id(a)] is b, "a tie was lost"
+        ties[id(a)] = b
+        _same_tensor(a, b)
+        return
+    assert type(a) is type(b), (type(a), type(b))
+    if type(a) is float:
+        assert struct.pack("<d", a) == struct.pack("<d", b) or (math.isnan(a) and math.isnan(b))
+    elif type(a) is complex:
+        same(a.real, b.real, ties), same(a.imag, b.imag, ties)
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    elif isinstance(a, np.generic):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    elif isinstance(a, dict):
+        assert len(a) == len(b)
+        for (ka, va), (kb, vb) in zip(a.items(), b.items()):
+            same(ka, kb, ties)
+            same(va, vb, ties)
+        if isinstance(a, collections.defaultdict):
+            assert a.default_factory is b.default_factory
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            same(x, y, ties)
+    elif isinstance(a, argparse.Namespace):
+        same(vars(a), vars(b), ties)
+    else:
+        assert a == b
+
+
+# ---- the invariant ----
+
+
+def _pipe(data):
+    r, w = os.pipe()
+
+    def feed():
+        with os.fdopen(w, "wb") as g:
+            g.write(data)
+
+    threading.Thread(target=feed, daemon=True).start()
+    return os.fdopen(r, "rb")
+
+
+@settings(max_examples=int(os.environ.get("TS_INVARIANT_EXAMPLES", "60")), deadline=None, suppress_health_check=list(HealthCheck))
+@given(checkpoint())
+def test_every_value_of_the_type_table_round_trips_exactly(tmp_path_factory, obj):
+    d = tmp_path_factory.mktemp("inv")
+    p = d / "ck.safetensors"
+    with torch.serialization.safe_globals([Point, datetime.date]):
+        torch.save(obj, p, format="safetensors", checksums=True)
+        data = p.read_bytes()
+        back = torch.load(p)
+        same(obj, back, {})
+        same(obj, torch.load(io.BytesIO(data)), {})
+        f = _pipe(data)
+        try:
+            same(obj, torch.load(f), {})
+        finally:
+            f.close()
+    # verify without any allowlist; --data with the checksums recorded
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert _cli.main(["verify", str(p)]) == 0, out.getvalue()
+        assert _cli.main(["verify", "--data", str(p)]) == 0, out.getvalue()
+    # async_save writes what torch.save writes
+    torch.save(obj, d / "sync.safetensors", format="safetensors")
+    torch_safetensors.async_save(obj, d / "async.safetensors").result()
+    assert (d / "async.safetensors").read_bytes() == (d / "sync.safetensors").read_bytes()
+    # the safetensors package reads every tensor, with the bytes ours reads
+    from safetensors import safe_open
+
+    reader = _C.Reader(path=str(p))
+    try:
+        with safe_open(str(p), framework="pt") as theirs:
+            assert sorted(theirs.keys()) == sorted(reader.keys())
+            for name in theirs.keys():
+                assert torch.equal(_bits(theirs.get_tensor(name)), _bits(reader.tensor(name)))
+    finally:
+        reader.close()
