@@ -119,12 +119,6 @@ static int ci_cmp(const uint8_t *a, size_t al, const uint8_t *b, size_t bl)
     return al < bl ? -1 : al > bl;
 }
 
-static int ref_cmp(const void *pa, const void *pb)
-{
-    const name_ref *a = pa, *b = pb;
-    return ci_cmp(a->name, a->len, b->name, b->len);
-}
-
 static int ref_cmp_exact(const void *pa, const void *pb)
 {
     const name_ref *a = pa, *b = pb;
@@ -154,6 +148,70 @@ static name_ref *first_match(name_ref *refs, size_t n, const name_ref *key)
     return lo < n && ref_cmp_exact(&refs[lo], key) == 0 ? &refs[lo] : NULL;
 }
 
+/* ---- torch's zip lookup (miniz): names heap-sorted without regard to ASCII case,
+ * then a binary search; with names equal but for case, this picks the one torch reads ---- */
+
+static int mz_less(const name_ref *a, const name_ref *b)
+{
+    size_t n = a->len < b->len ? a->len : b->len;
+    for (size_t i = 0; i < n; i++) {
+        int x = a->name[i] >= 'A' && a->name[i] <= 'Z' ? a->name[i] + 32 : a->name[i];
+        int y = b->name[i] >= 'A' && b->name[i] <= 'Z' ? b->name[i] + 32 : b->name[i];
+        if (x != y)
+            return x < y;
+    }
+    return a->len < b->len;
+}
+
+static void mz_sift(name_ref *r, size_t root, size_t end)
+{
+    for (;;) {
+        size_t child = 2 * root + 1;
+        name_ref t;
+        if (child >= end)
+            return;
+        if (child + 1 < end && mz_less(&r[child], &r[child + 1]))
+            child++;
+        if (!mz_less(&r[root], &r[child]))
+            return;
+        t = r[root];
+        r[root] = r[child];
+        r[child] = t;
+        root = child;
+    }
+}
+
+/* refs in directory order -> the order miniz sorts them in (an unstable heap sort) */
+static void mz_sort(name_ref *r, size_t n)
+{
+    if (n <= 1)
+        return;
+    for (size_t start = (n - 2) / 2 + 1; start-- > 0;)
+        mz_sift(r, start, n);
+    for (size_t end = n - 1; end > 0; end--) {
+        name_ref t = r[end];
+        r[end] = r[0];
+        r[0] = t;
+        mz_sift(r, 0, end);
+    }
+}
+
+static name_ref *mz_search(name_ref *r, size_t n, const name_ref *key)
+{
+    long long lo = 0, hi = (long long)n - 1;
+    while (lo <= hi) {
+        long long mid = lo + ((hi - lo) >> 1);
+        int c = ci_cmp(r[mid].name, r[mid].len, key->name, key->len);
+        if (!c)
+            return &r[mid];
+        if (c < 0)
+            lo = mid + 1;
+        else
+            hi = mid - 1;
+    }
+    return NULL;
+}
+
 /* Index of the entry torch's zip reader finds for prefix + rest, or -1 (-2: no memory).
  * It looks names up as C strings: the name ends at its first NUL byte. */
 static long find_entry(const name_ref *refs, size_t n, const uint8_t *prefix, size_t plen,
@@ -170,7 +228,7 @@ static long find_entry(const name_ref *refs, size_t n, const uint8_t *prefix, si
     memcpy(key + plen, rest, rlen);
     k.name = key;
     k.len = plen + rlen;
-    hit = bsearch(&k, refs, n, sizeof(name_ref), ref_cmp);
+    hit = mz_search((name_ref *)refs, n, &k);
     if (key != small)
         free(key);
     return hit ? (long)hit->idx : -1;
@@ -331,7 +389,7 @@ static int read_archive(load_state *st, int default_little)
         st->refs[i].len = st->entries[i].name_len;
         st->refs[i].idx = (uint32_t)i;
     }
-    qsort(st->refs, st->n_entries, sizeof(name_ref), ref_cmp);
+    mz_sort(st->refs, st->n_entries);
     prefix = st->entries[0].name;
     slash = memchr(prefix, '/', st->entries[0].name_len);
     if (!slash)
@@ -343,20 +401,7 @@ static int read_archive(load_state *st, int default_little)
     for (size_t i = 0; i < st->n_entries; i++)
         if (st->entries[i].name_len < plen || memcmp(st->entries[i].name, prefix, plen) != 0)
             FALLBACK("a record outside the archive's folder"); /* torch refuses */
-    for (size_t i = 1; i < st->n_entries; i++) {
-        const name_ref *r = &st->refs[i];
-        if (ref_cmp(&st->refs[i - 1], r) != 0)
-            continue;
-        /* which one torch reads is the zip library's choice: never map such a storage */
-        if (st->use_mmap && r->len > plen + 5 && memcmp(r->name, prefix, plen) == 0 &&
-            memcmp(r->name + plen, "data/", 5) == 0) {
-            return refuse(st,
-                          "invalid checkpoint: the zip holds two storage records named %.*s; "
-                          "refusing to map it",
-                          (int)(r->len > 200 ? 200 : r->len), (const char *)r->name);
-        }
-        FALLBACK("duplicate record names");
-    }
+    /* names equal but for case: every lookup picks the record torch's reader picks */
     /* torch's test: "constants.pkl" among the names it lists (cut at a NUL byte) */
     for (size_t i = 0; i < st->n_entries; i++)
         if (listed_as(&st->entries[i], prefix, plen, "constants.pkl"))
@@ -1221,9 +1266,9 @@ static PyObject *legacy_load(PyObject *self, PyObject *args)
     return result;
 }
 
-/* legacy_zip_records(fd) -> [(name, method, comp_size, size, data_offset), ...] in directory order,
- * as torch's zip reader sees the file, or None when the engine cannot read the
- * directory. data_offset is -1 when the local header is unreadable. For the record check
+/* legacy_zip_records(fd) -> ([(name, method, comp_size, size, data_offset), ...] in
+ * directory order, [their indices in the order torch's lookups search them]), as torch's
+ * zip reader sees the file, or None when the engine cannot read the directory. data_offset is -1 when the local header is unreadable. For the record check
  * of files torch reads itself: the same view as torch, not Python's zipfile's. */
 static PyObject *legacy_zip_records(PyObject *self, PyObject *args)
 {
@@ -1234,7 +1279,8 @@ static PyObject *legacy_zip_records(PyObject *self, PyObject *args)
     sp_zip_dir dir;
     sp_zip_entry *es = NULL;
     sp_error err;
-    PyObject *out = NULL;
+    name_ref *refs = NULL;
+    PyObject *out = NULL, *order = NULL;
     (void)self;
     if (!PyArg_ParseTuple(args, "i:legacy_zip_records", &fd))
         return NULL;
@@ -1266,6 +1312,24 @@ static PyObject *legacy_zip_records(PyObject *self, PyObject *args)
             out = Py_NewRef(Py_None);
         goto done;
     }
+    if (!(refs = malloc((dir.count ? (size_t)dir.count : 1) * sizeof(name_ref)))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (uint64_t i = 0; i < dir.count; i++) {
+        refs[i].name = es[i].name;
+        refs[i].len = es[i].name_len;
+        refs[i].idx = (uint32_t)i;
+    }
+    mz_sort(refs, (size_t)dir.count);
+    if (!(order = PyList_New((Py_ssize_t)dir.count)))
+        goto done;
+    for (uint64_t i = 0; i < dir.count; i++) {
+        PyObject *ix = PyLong_FromUnsignedLong(refs[i].idx);
+        if (!ix)
+            goto done;
+        PyList_SET_ITEM(order, (Py_ssize_t)i, ix);
+    }
     if (!(out = PyList_New((Py_ssize_t)dir.count)))
         goto done;
     for (uint64_t i = 0; i < dir.count; i++) {
@@ -1290,7 +1354,11 @@ static PyObject *legacy_zip_records(PyObject *self, PyObject *args)
         }
         PyList_SET_ITEM(out, (Py_ssize_t)i, item);
     }
+    out = Py_BuildValue("(NN)", out, order); /* steals both */
+    order = NULL;
 done:
+    Py_XDECREF(order);
+    free(refs);
     free(tail);
     free(cd);
     free(es);
@@ -1306,7 +1374,7 @@ static PyMethodDef legacy_methods[] = {
      "legacy_load(fd, mmap, cpu_ok, default_little) -> ('ok', obj), "
      "('fallback', reason, records_checked) or ('refuse', message)."},
     {"legacy_zip_records", legacy_zip_records, METH_VARARGS,
-     "legacy_zip_records(fd) -> [(name, method, comp_size, size, data_offset)] or None."},
+     "legacy_zip_records(fd) -> ([(name, method, comp_size, size, data_offset)], lookup order) or None."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -466,6 +466,12 @@ class Gen:
             extra.append((prefix + r.choice([b".format_version", b".storage_alignment", b"extra/x", b"constants.pkl\x00",
                                              b"Constants.pkl", b"data/zz"]), r.choice([b"1", b"64", b"junk"])))
         recs = torch_records(prefix, pkl, stor, extra=extra, byteorder=r.random() < 0.9)
+        for _ in range(2 if r.random() < 0.15 else 0):
+            # names equal but for case (or equal): torch's zip library picks one of them
+            name, data = r.choice(recs)
+            head, tail = name[: len(prefix)], name[len(prefix):]
+            twin = head + (tail.upper() if r.random() < 0.7 else tail)
+            recs.insert(r.randrange(1, len(recs) + 1), (twin, r.choice([data[: len(data) // 2], data + data, b"\x80\x02}."])))
         if r.random() < 0.3:
             first = recs[0]
             rest = recs[1:]

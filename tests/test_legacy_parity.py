@@ -284,3 +284,19 @@ def test_generated_checkpoints_agree(tmp_path):
         path = tmp_path / f"g{i}.pt"
         path.write_bytes(Gen(rnd, pre16=i % 3 == 0).file())
         compare_file(str(path))
+
+
+@pytest.mark.parametrize("order", [0, 1])
+def test_records_equal_but_for_case_read_as_torch_picks(tmp_path, order):
+    # torch's zip library finds one of "data/k" and "data/K" for both keys
+    p = Pickle().op(b"]").mark()
+    v2(p, "FloatStorage", b"k", 4, [4])
+    v2(p, "FloatStorage", b"K", 4, [4])
+    stor = [(b"k", F32), (b"K", bytes(reversed(F32)))]
+    path = write_zip(tmp_path, p.op(b"e").stop(), stor if order else stor[::-1])
+    for mmap in (False, True):
+        want = plain(path, mmap=mmap)
+        got = torch.load(path, mmap=mmap)
+        assert _legacy.last_fallback is None
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    agree(path)

@@ -294,26 +294,34 @@ def _check_zip_records(fd: int, map_location: Any = None) -> Optional[RuntimeErr
     reader reads it (not by Python's zipfile, which disagrees with it on some files); the
     pickle and the records are found as torch finds them: the archive is the folder of
     the first entry, names are looked up as C strings (cut at a NUL byte) without regard
-    to case, and with several such members each one is checked. A file this check cannot
+    to ASCII case, in the order torch's zip library searches them (so of names equal but
+    for case, the one torch reads is checked). A file this check cannot
     read is refused: it is never assumed to be checked. The caller raises the refusal only
     if torch's loader accepts the file: when torch refuses it, its own error stands."""
     if os.pread(fd, 4, 0) != _ZIP_MAGIC:
         return  # torch refuses mmap=True for anything but a zip
     try:
-        records = _C.legacy_zip_records(fd)
-        if records is None:
+        found = _C.legacy_zip_records(fd)
+        if found is None:
             raise _Unchecked("a zip directory the reader cannot check")
+        records, order = found
+        searched = [records[i] for i in order]
         if not records or b"/" not in records[0][0]:
             return  # torch refuses an archive without a top-level folder itself
         prefix = records[0][0].split(b"/", 1)[0] + b"/"
         if b"\0" in prefix:
             return  # torch looks up nothing in such a folder: it refuses the file
-        by_name: Dict[bytes, list] = {}
-        for rec in records:
-            by_name.setdefault(rec[0].lower(), []).append(rec)
-
         def lookup(rest: bytes) -> list:
-            return by_name.get((prefix + rest).split(b"\0", 1)[0].lower(), [])
+            # torch's binary search (miniz) over its case-blind order: the record it reads
+            name = (prefix + rest).split(b"\0", 1)[0].lower()
+            lo, hi = 0, len(searched) - 1
+            while lo <= hi:
+                mid = lo + ((hi - lo) >> 1)
+                have = searched[mid][0].lower()
+                if have == name:
+                    return [searched[mid]]
+                lo, hi = (mid + 1, hi) if have < name else (lo, mid - 1)
+            return []
 
         claims: Dict[str, int] = {}
         for rec in lookup(b"data.pkl"):
