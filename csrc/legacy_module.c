@@ -264,6 +264,7 @@ typedef struct {
 
 typedef struct {
     int fd, use_mmap;
+    int unaligned;        /* convert: mapped storages need no element alignment */
     uint64_t size;
     window win;
     sp_zip_entry *entries;
@@ -879,7 +880,10 @@ static int build_tensors(load_state *st)
         code = aten_dtype[s->dtype];
         if (s->nbytes % esz)
             FALLBACK("a storage that is not whole elements");
-        if (st->blob && s->nbytes && (s->data_off % esz) == 0 && st_aten.from_blob) {
+        /* a misaligned pointer crashes some kernels: copied, unless only the writer of
+         * convert reads the bytes (it copies them out byte-wise) */
+        if (st->blob && s->nbytes && ((s->data_off % esz) == 0 || st->unaligned) &&
+            st_aten.from_blob) {
             st_blob_incref(st->blob);
             e = st_aten.from_blob(st->blob->base + s->data_off, 1, &numel, &one, 0, code,
                                   st_aten.device_cpu, -1, &s->base, st_aten.layout_strided,
@@ -1190,7 +1194,7 @@ static void state_free(load_state *st)
     sp_plan_free(&st->keys_plan);
 }
 
-/* legacy_load(fd, mmap, cpu_ok, default_little) -> ("ok", obj),
+/* legacy_load(fd, mmap, cpu_ok, default_little, unaligned=False) -> ("ok", obj),
  * ("fallback", reason, records_checked) or ("refuse", message) */
 static PyObject *legacy_load(PyObject *self, PyObject *args)
 {
@@ -1199,8 +1203,8 @@ static PyObject *legacy_load(PyObject *self, PyObject *args)
     PyObject *cpu_ok, *result = NULL;
     (void)self;
     memset(&st, 0, sizeof(st));
-    if (!PyArg_ParseTuple(args, "ipOp:legacy_load", &st.fd, &st.use_mmap, &cpu_ok,
-                          &default_little))
+    if (!PyArg_ParseTuple(args, "ipOp|p:legacy_load", &st.fd, &st.use_mmap, &cpu_ok,
+                          &default_little, &st.unaligned))
         return NULL;
     if (!odict_type || !st_aten.ready) {
         PyErr_SetString(PyExc_RuntimeError, "legacy_init was not called or ATen is missing");
@@ -1371,7 +1375,7 @@ static PyMethodDef legacy_methods[] = {
     {"legacy_dtype_names", legacy_dtype_names, METH_NOARGS,
      "torch's dtype names, in the engine's order."},
     {"legacy_load", legacy_load, METH_VARARGS,
-     "legacy_load(fd, mmap, cpu_ok, default_little) -> ('ok', obj), "
+     "legacy_load(fd, mmap, cpu_ok, default_little, unaligned=False) -> ('ok', obj), "
      "('fallback', reason, records_checked) or ('refuse', message)."},
     {"legacy_zip_records", legacy_zip_records, METH_VARARGS,
      "legacy_zip_records(fd) -> ([(name, method, comp_size, size, data_offset)], lookup order) or None."},

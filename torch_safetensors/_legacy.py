@@ -31,7 +31,7 @@ import torch.serialization as _ser
 
 from . import _C
 
-__all__ = ["load_path", "last_fallback"]
+__all__ = ["load_path", "load_for_convert", "last_fallback"]
 
 _C.legacy_init(
     OrderedDict,
@@ -160,6 +160,34 @@ def _meta(map_location: Any) -> bool:
         return bool(test(map_location)) if test is not None else False
     except Exception:  # noqa: BLE001 - torch decides; check as usual
         return False
+
+
+def load_for_convert(fd: int) -> Optional[tuple]:
+    """Reads the legacy checkpoint open at fd with the C reader for ``convert``: every
+    storage a view of one private mapping, with no element alignment needed (the writer
+    only copies the bytes out), storages placed on the CPU as map_location="cpu" does.
+
+    Args:
+        fd: an open descriptor of a regular file.
+
+    Returns:
+        ``(obj,)``, what ``torch.load(f, map_location="cpu", weights_only=True)`` gives,
+        or None when torch's own loader must read the file (the reason is in
+        :data:`last_fallback`).
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    global last_fallback
+    why = _torch_state_allows()
+    if why is None:
+        out = _C.legacy_load(fd, True, lambda loc: True, _default_little(), True)
+        if out[0] == "ok":
+            last_fallback = None
+            return (out[1],)
+        why = out[1]
+    last_fallback = why
+    return None
 
 
 def _why_torch(a: Dict[str, Any], use_mmap: bool) -> Optional[str]:
