@@ -211,6 +211,8 @@ typedef struct {
     uint32_t *keys;        /* open-addressed: STORAGE nodes by key, as torch caches them */
     size_t keys_cap, n_keys;
     uint32_t consts[3];    /* shared nodes of None, False, True (immutable) */
+    uint32_t empty_tuple;  /* shared node of () (immutable; a singleton in Python too) */
+    uint32_t small[256];   /* shared nodes of the ints 0..255 (immutable) */
 } machine;
 
 #define UNSUP(...) fail(m->err, SP_UNSUPPORTED, m->op_pos, __VA_ARGS__)
@@ -793,7 +795,9 @@ static sp_code step(machine *m, uint8_t op)
     case ']':
         return leaf(m, SP_K_LIST, &id);
     case ')':
-        return leaf(m, SP_K_TUPLE, &id);
+        if (!m->empty_tuple && (rc = new_node(m, SP_K_TUPLE, &m->empty_tuple)))
+            return rc;
+        return push(m, m->empty_tuple);
     case 'N':
     case 0x88: /* NEWTRUE */
     case 0x89: /* NEWFALSE */ {
@@ -811,9 +815,17 @@ static sp_code step(machine *m, uint8_t op)
     case 'K': /* BININT1 */
     case 'M': /* BININT2 */ {
         size_t n = op == 'J' ? 4 : op == 'K' ? 1 : 2;
-        if ((rc = take(m, n, &b)) || (rc = leaf(m, SP_K_INT, &id)))
+        int64_t v;
+        if ((rc = take(m, n, &b)))
             return rc;
-        node(m, id)->v.i = op == 'J' ? (int64_t)(int32_t)le32(b) : op == 'K' ? b[0] : le16(b);
+        v = op == 'J' ? (int64_t)(int32_t)le32(b) : op == 'K' ? b[0] : le16(b);
+        if (v >= 0 && v < 256 && m->small[v]) /* a shared node: a stack slot per opcode */
+            return push(m, m->small[v]);
+        if ((rc = leaf(m, SP_K_INT, &id)))
+            return rc;
+        node(m, id)->v.i = v;
+        if (v >= 0 && v < 256)
+            m->small[v] = id;
         return SP_OK;
     }
     case 0x8a: /* LONG1 */ {
