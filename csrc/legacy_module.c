@@ -120,12 +120,6 @@ static int ci_cmp(const uint8_t *a, size_t al, const uint8_t *b, size_t bl)
     return al < bl ? -1 : al > bl;
 }
 
-static int ref_cmp(const void *pa, const void *pb)
-{
-    const name_ref *a = pa, *b = pb;
-    return ci_cmp(a->name, a->len, b->name, b->len);
-}
-
 static int ref_cmp_exact(const void *pa, const void *pb)
 {
     const name_ref *a = pa, *b = pb;
@@ -155,20 +149,102 @@ static name_ref *first_match(name_ref *refs, size_t n, const name_ref *key)
     return lo < n && ref_cmp_exact(&refs[lo], key) == 0 ? &refs[lo] : NULL;
 }
 
-/* index of the entry named prefix + rest, or -1 */
+/* ---- torch's zip lookup (miniz): names heap-sorted without regard to ASCII case,
+ * then a binary search; with names equal but for case, this picks the one torch reads ---- */
+
+static int mz_less(const name_ref *a, const name_ref *b)
+{
+    size_t n = a->len < b->len ? a->len : b->len;
+    for (size_t i = 0; i < n; i++) {
+        int x = a->name[i] >= 'A' && a->name[i] <= 'Z' ? a->name[i] + 32 : a->name[i];
+        int y = b->name[i] >= 'A' && b->name[i] <= 'Z' ? b->name[i] + 32 : b->name[i];
+        if (x != y)
+            return x < y;
+    }
+    return a->len < b->len;
+}
+
+static void mz_sift(name_ref *r, size_t root, size_t end)
+{
+    for (;;) {
+        size_t child = 2 * root + 1;
+        name_ref t;
+        if (child >= end)
+            return;
+        if (child + 1 < end && mz_less(&r[child], &r[child + 1]))
+            child++;
+        if (!mz_less(&r[root], &r[child]))
+            return;
+        t = r[root];
+        r[root] = r[child];
+        r[child] = t;
+        root = child;
+    }
+}
+
+/* refs in directory order -> the order miniz sorts them in (an unstable heap sort) */
+static void mz_sort(name_ref *r, size_t n)
+{
+    if (n <= 1)
+        return;
+    for (size_t start = (n - 2) / 2 + 1; start-- > 0;)
+        mz_sift(r, start, n);
+    for (size_t end = n - 1; end > 0; end--) {
+        name_ref t = r[end];
+        r[end] = r[0];
+        r[0] = t;
+        mz_sift(r, 0, end);
+    }
+}
+
+static name_ref *mz_search(name_ref *r, size_t n, const name_ref *key)
+{
+    long long lo = 0, hi = (long long)n - 1;
+    while (lo <= hi) {
+        long long mid = lo + ((hi - lo) >> 1);
+        int c = ci_cmp(r[mid].name, r[mid].len, key->name, key->len);
+        if (!c)
+            return &r[mid];
+        if (c < 0)
+            lo = mid + 1;
+        else
+            hi = mid - 1;
+    }
+    return NULL;
+}
+
+/* Index of the entry torch's zip reader finds for prefix + rest, or -1 (-2: no memory).
+ * It looks names up as C strings: the name ends at its first NUL byte. */
 static long find_entry(const name_ref *refs, size_t n, const uint8_t *prefix, size_t plen,
                        const char *rest, size_t rlen)
 {
-    uint8_t key[4096];
+    uint8_t small[512], *key = small;
+    const char *nul = memchr(rest, 0, rlen);
     name_ref k, *hit;
-    if (plen + rlen > sizeof(key))
-        return -1;
+    if (nul)
+        rlen = (size_t)(nul - rest);
+    if (plen + rlen > sizeof(small) && !(key = malloc(plen + rlen)))
+        return -2;
     memcpy(key, prefix, plen);
     memcpy(key + plen, rest, rlen);
     k.name = key;
     k.len = plen + rlen;
-    hit = bsearch(&k, refs, n, sizeof(name_ref), ref_cmp);
+    hit = mz_search((name_ref *)refs, n, &k);
+    if (key != small)
+        free(key);
     return hit ? (long)hit->idx : -1;
+}
+
+/* Whether a record's name, as torch lists it (a C string in a 512-byte buffer), is
+ * prefix + rest. */
+static int listed_as(const sp_zip_entry *e, const uint8_t *prefix, size_t plen, const char *rest)
+{
+    const uint8_t *nul = memchr(e->name, 0, e->name_len);
+    size_t len = nul ? (size_t)(nul - e->name) : e->name_len, rlen = strlen(rest);
+    if (len > 511)
+        len = 511;
+    return len == plen + rlen && memcmp(e->name, prefix, plen) == 0 &&
+           memcmp(e->name + plen, rest, rlen) == 0;
 }
 
 /* ---- one load ---- */
@@ -184,10 +260,12 @@ typedef struct {
     int dtype;         /* of the tensors built over it; -1 until the first */
     st_tensor base;
     int given;         /* base handed to a tensor as is */
+    int bad;           /* mmap: 1 a compressed record, 2 a short one (refused if used) */
 } slot;
 
 typedef struct {
     int fd, use_mmap;
+    int unaligned;        /* convert: mapped storages need no element alignment */
     uint64_t size;
     window win;
     sp_zip_entry *entries;
@@ -200,7 +278,6 @@ typedef struct {
     slot *slots;
     size_t n_slots;
     uint32_t *slot_of;    /* per node: slot index + 1 for STORAGE nodes */
-    long *slot_of_entry;  /* per entry: slot index, -1 */
     st_blob *blob;
     st_tensor *handles;   /* per tensor node, in node order */
     PyObject **objs;      /* per node, while building */
@@ -212,6 +289,7 @@ typedef struct {
     const char *reason;   /* why torch's loader decides, when set */
     int records_checked;
     int depth;
+    char refusal[768];    /* set: refuse the file unless torch refuses it first */
 } load_state;
 
 static void blob_release(void *data, void *ctx)
@@ -232,15 +310,17 @@ static PyObject *raise_errno_fd(int e)
     return PyErr_SetFromErrno(PyExc_OSError);
 }
 
-/* PyErr_Format knows neither %.*s nor field widths: format here */
-static void raise_runtime(const char *fmt, ...)
+/* A file torch.load(mmap=True) would fill with other bytes: the message for the caller,
+ * which raises it only if torch's own loader accepts the file (else torch's error wins).
+ * Returns 1, as FALLBACK does. */
+static int refuse(load_state *st, const char *fmt, ...)
 {
-    char msg[768];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof(msg), fmt, ap);
+    vsnprintf(st->refusal, sizeof(st->refusal), fmt, ap);
     va_end(ap);
-    PyErr_SetString(PyExc_RuntimeError, msg);
+    st->reason = "refused";
+    return 1;
 }
 
 #define FALLBACK(why)                                                                          \
@@ -311,46 +391,23 @@ static int read_archive(load_state *st, int default_little)
         st->refs[i].len = st->entries[i].name_len;
         st->refs[i].idx = (uint32_t)i;
     }
-    qsort(st->refs, st->n_entries, sizeof(name_ref), ref_cmp);
+    mz_sort(st->refs, st->n_entries);
     prefix = st->entries[0].name;
     slash = memchr(prefix, '/', st->entries[0].name_len);
     if (!slash)
         FALLBACK("the first record is not in a folder");
     plen = (size_t)(slash - prefix) + 1;
+    /* the folder as torch's lookups see it: a C string, listed in a 512-byte buffer */
+    if (memchr(prefix, 0, plen) || plen > 256)
+        FALLBACK("an archive folder name with a NUL byte or too long");
     for (size_t i = 0; i < st->n_entries; i++)
         if (st->entries[i].name_len < plen || memcmp(st->entries[i].name, prefix, plen) != 0)
             FALLBACK("a record outside the archive's folder"); /* torch refuses */
-    for (size_t i = 1; i < st->n_entries; i++) {
-        const name_ref *r = &st->refs[i];
-        if (ref_cmp(&st->refs[i - 1], r) != 0)
-            continue;
-        /* which one torch reads is the zip library's choice: never map such a storage */
-        if (st->use_mmap && r->len > plen + 5 && memcmp(r->name, prefix, plen) == 0 &&
-            memcmp(r->name + plen, "data/", 5) == 0) {
-            raise_runtime(
-                         "invalid checkpoint: the zip holds two storage records named %.*s; "
-                         "refusing to map it",
-                         (int)(r->len > 200 ? 200 : r->len), (const char *)r->name);
-            return -1;
-        }
-        FALLBACK("duplicate record names");
-    }
-    if (find_entry(st->refs, st->n_entries, prefix, plen, "constants.pkl", 13) >= 0)
-        FALLBACK("a TorchScript archive");
-    if (st->use_mmap) {
-        /* compressed storages are never mapped as if they were the data */
-        for (size_t i = 0; i < st->n_entries; i++) {
-            const sp_zip_entry *e = &st->entries[i];
-            if (e->method != 0 && e->name_len > plen + 5 && memcmp(e->name, prefix, plen) == 0 && memcmp(e->name + plen, "data/", 5) == 0) {
-                raise_runtime(
-                             "invalid checkpoint: record %.*s is compressed; torch.load(mmap=True) "
-                             "would map the compressed bytes as the tensor's data. Load it with "
-                             "mmap=False.",
-                             (int)e->name_len, (const char *)e->name);
-                return -1;
-            }
-        }
-    }
+    /* names equal but for case: every lookup picks the record torch's reader picks */
+    /* torch's test: "constants.pkl" among the names it lists (cut at a NUL byte) */
+    for (size_t i = 0; i < st->n_entries; i++)
+        if (listed_as(&st->entries[i], prefix, plen, "constants.pkl"))
+            FALLBACK("a TorchScript archive");
     /* torch reads .data/version when there is one, else version */
     iv = find_entry(st->refs, st->n_entries, prefix, plen, ".data/version", 13);
     if (iv < 0)
@@ -624,7 +681,7 @@ static int check_records(load_state *st, PyObject *cpu_ok)
 {
     sp_plan *p = &st->plan;
     const uint8_t *prefix = NULL, *lh;
-    size_t plen = 0, n_records = st->legacy ? st->n_lkeys : st->n_entries;
+    size_t plen = 0;
     sp_error err;
     /* locations seen so far and torch's verdict on each (a file holds few) */
     struct {
@@ -636,13 +693,10 @@ static int check_records(load_state *st, PyObject *cpu_ok)
 
     st->slots = calloc(p->n_storages ? p->n_storages : 1, sizeof(slot));
     st->slot_of = calloc(p->n_nodes, sizeof(uint32_t));
-    st->slot_of_entry = malloc((n_records ? n_records : 1) * sizeof(long));
-    if (!st->slots || !st->slot_of || !st->slot_of_entry) {
+    if (!st->slots || !st->slot_of) {
         PyErr_NoMemory();
         return -1;
     }
-    for (size_t i = 0; i < n_records; i++)
-        st->slot_of_entry[i] = -1;
     if (!st->legacy) {
         prefix = st->entries[0].name;
         plen = (size_t)((const uint8_t *)memchr(prefix, '/', st->entries[0].name_len) - prefix) + 1;
@@ -650,7 +704,6 @@ static int check_records(load_state *st, PyObject *cpu_ok)
     for (uint32_t id = 1; id < p->n_nodes; id++) {
         const sp_node *n = &p->nodes[id];
         const sp_node *key, *loc;
-        char rest[4096];
         long ei;
         uint64_t nbytes;
         slot *s;
@@ -693,14 +746,26 @@ static int check_records(load_state *st, PyObject *cpu_ok)
             if (ei < 0) /* torch would leave it uninitialized */
                 FALLBACK("a storage missing from the key list");
         } else {
-            if (key->len + 5 > sizeof(rest))
-                FALLBACK("a storage key too long");
+            /* "data/" + key, looked up as torch does (cut at a NUL byte); the engine
+             * gave each key one STORAGE node, so keys cut to one name get one each */
+            char small[512], *rest = small;
+            if (key->len + 5 > sizeof(small) && !(rest = malloc((size_t)key->len + 5))) {
+                PyErr_NoMemory();
+                return -1;
+            }
             memcpy(rest, "data/", 5);
             memcpy(rest + 5, st->pkl + key->off, key->len);
-            ei = find_entry(st->refs, st->n_entries, prefix, plen, rest, key->len + 5);
+            ei = find_entry(st->refs, st->n_entries, prefix, plen, rest, (size_t)key->len + 5);
+            if (rest != small)
+                free(rest);
+            if (ei == -2) {
+                PyErr_NoMemory();
+                return -1;
+            }
         }
         if (ei < 0) {
-            /* torch raises for it in every mode, so nothing short can come back */
+            /* torch's lookup fails in every mode (the lookup above is its own), so
+             * nothing short can come back */
             st->records_checked = 1;
             FALLBACK("a storage whose record is missing");
         }
@@ -710,15 +775,6 @@ static int check_records(load_state *st, PyObject *cpu_ok)
             FALLBACK("a storage size that overflows");
         if (!(n->flags & SP_F_UNTYPED))
             nbytes *= sp_dtype_size(n->dtype);
-        if (st->slot_of_entry[ei] >= 0 && nbytes > 0) {
-            s = &st->slots[st->slot_of_entry[ei]];
-            if (s->nbytes != nbytes)
-                FALLBACK("one storage claimed with two sizes");
-            st->slot_of[id] = (uint32_t)st->slot_of_entry[ei] + 1;
-            continue;
-        }
-        if (st->slot_of_entry[ei] >= 0 && st->slots[st->slot_of_entry[ei]].nbytes != 0)
-            FALLBACK("one storage claimed with two sizes");
         s = &st->slots[st->n_slots];
         s->entry = ei;
         s->nbytes = nbytes;
@@ -729,16 +785,13 @@ static int check_records(load_state *st, PyObject *cpu_ok)
             s->data_off = st->lrecs[ei].data_off;
         } else {
             const sp_zip_entry *e = &st->entries[ei];
-            if (e->method != 0)
-                FALLBACK("a compressed storage record"); /* mmap refused these already */
-            if (e->size < nbytes && st->use_mmap) {
-                raise_runtime(
-                             "invalid checkpoint: record size %llu of '%.*s' is shorter than "
-                             "the %llu bytes its pickle claims; refusing to map it (the tensor "
-                             "would read the bytes that follow the record)",
-                             (unsigned long long)e->size, (int)e->name_len, (const char *)e->name,
-                             (unsigned long long)nbytes);
-                return -1;
+            /* with mmap, torch would map other bytes: refused if a tensor uses it */
+            if (e->method != 0 && st->use_mmap && nbytes) {
+                s->bad = 1;
+            } else if (e->method != 0) {
+                FALLBACK("a compressed storage record");
+            } else if (e->size < nbytes && st->use_mmap) {
+                s->bad = 2;
             }
             if (e->size != nbytes && !st->use_mmap)
                 FALLBACK("a record whose size differs from its claim"); /* torch says so */
@@ -749,11 +802,14 @@ static int check_records(load_state *st, PyObject *cpu_ok)
             if (sp_zip_data_offset(lh, 30, e, st->size, &s->data_off, &err) != SP_OK)
                 FALLBACK("a storage record the reader does not understand");
         }
-        if (st->slot_of_entry[ei] < 0)
-            st->slot_of_entry[ei] = (long)st->n_slots;
         st->slot_of[id] = (uint32_t)++st->n_slots;
     }
+    /* a bad record under no tensor of the plan: if torch decides after all, it is
+     * checked again against what torch's result uses */
     st->records_checked = 1;
+    for (size_t i = 0; i < st->n_slots; i++)
+        if (st->slots[i].bad)
+            st->records_checked = 0;
     return 0;
 }
 
@@ -765,6 +821,28 @@ static int build_tensors(load_state *st)
     int rc = 0, sys_errno = 0;
     void **dst = NULL;
 
+    /* a record torch would map wrongly, under a tensor: refused before anything else */
+    for (uint32_t id = 1; id < p->n_nodes; id++) {
+        const slot *s;
+        const sp_zip_entry *e;
+        if (p->nodes[id].kind != SP_K_TENSOR)
+            continue;
+        s = &st->slots[st->slot_of[p->nodes[id].a] - 1];
+        if (!s->bad)
+            continue;
+        e = &st->entries[s->entry];
+        if (s->bad == 1)
+            return refuse(st, "invalid checkpoint: record %.*s is compressed; refusing to map it "
+                          "(torch.load(mmap=True) would map the compressed bytes as the "
+                          "tensor's data). Load it with mmap=False.",
+                          (int)(e->name_len > 200 ? 200 : e->name_len), (const char *)e->name);
+        return refuse(st,
+                      "invalid checkpoint: record size %llu of '%.*s' is shorter than the %llu "
+                      "bytes its pickle claims; refusing to map it (the tensor would read the "
+                      "bytes that follow the record)",
+                      (unsigned long long)e->size, (int)(e->name_len > 200 ? 200 : e->name_len),
+                      (const char *)e->name, (unsigned long long)s->nbytes);
+    }
     /* the dtype of each storage: from the tensors over it (all must agree) */
     for (uint32_t id = 1; id < p->n_nodes; id++) {
         const sp_node *n = &p->nodes[id];
@@ -803,7 +881,10 @@ static int build_tensors(load_state *st)
         code = aten_dtype[s->dtype];
         if (s->nbytes % esz)
             FALLBACK("a storage that is not whole elements");
-        if (st->blob && s->nbytes && (s->data_off % esz) == 0 && st_aten.from_blob) {
+        /* a misaligned pointer crashes some kernels: copied, unless only the writer of
+         * convert reads the bytes (it copies them out byte-wise) */
+        if (st->blob && s->nbytes && ((s->data_off % esz) == 0 || st->unaligned) &&
+            st_aten.from_blob) {
             st_blob_incref(st->blob);
             e = st_aten.from_blob(st->blob->base + s->data_off, 1, &numel, &one, 0, code,
                                   st_aten.device_cpu, -1, &s->base, st_aten.layout_strided,
@@ -1103,7 +1184,6 @@ static void state_free(load_state *st)
         st_blob_decref(st->blob);
     sp_plan_free(&st->plan);
     free(st->slot_of);
-    free(st->slot_of_entry);
     free(st->entries);
     free(st->refs);
     free(st->tail);
@@ -1115,8 +1195,8 @@ static void state_free(load_state *st)
     sp_plan_free(&st->keys_plan);
 }
 
-/* legacy_load(fd, mmap, cpu_ok, default_little) -> ("ok", obj) or
- * ("fallback", reason, records_checked) */
+/* legacy_load(fd, mmap, cpu_ok, default_little, unaligned=False) -> ("ok", obj),
+ * ("fallback", reason, records_checked) or ("refuse", message) */
 static PyObject *legacy_load(PyObject *self, PyObject *args)
 {
     load_state st;
@@ -1124,8 +1204,8 @@ static PyObject *legacy_load(PyObject *self, PyObject *args)
     PyObject *cpu_ok, *result = NULL;
     (void)self;
     memset(&st, 0, sizeof(st));
-    if (!PyArg_ParseTuple(args, "ipOp:legacy_load", &st.fd, &st.use_mmap, &cpu_ok,
-                          &default_little))
+    if (!PyArg_ParseTuple(args, "ipOp|p:legacy_load", &st.fd, &st.use_mmap, &cpu_ok,
+                          &default_little, &st.unaligned))
         return NULL;
     if (!odict_type || !st_aten.ready) {
         PyErr_SetString(PyExc_RuntimeError, "legacy_init was not called or ATen is missing");
@@ -1182,11 +1262,112 @@ static PyObject *legacy_load(PyObject *self, PyObject *args)
             rc = -1;
         }
     }
-    if (rc == 1)
+    if (rc == 1 && st.refusal[0])
+        result = Py_BuildValue("(ss)", "refuse", st.refusal);
+    else if (rc == 1)
         result = Py_BuildValue("(ssO)", "fallback", st.reason ? st.reason : "unknown",
                                st.records_checked ? Py_True : Py_False);
     state_free(&st);
     return result;
+}
+
+/* legacy_zip_records(fd) -> ([(name, method, comp_size, size, data_offset), ...] in
+ * directory order, [their indices in the order torch's lookups search them]), as torch's
+ * zip reader sees the file, or None when the engine cannot read the directory. data_offset is -1 when the local header is unreadable. For the record check
+ * of files torch reads itself: the same view as torch, not Python's zipfile's. */
+static PyObject *legacy_zip_records(PyObject *self, PyObject *args)
+{
+    int fd, rc;
+    uint64_t size;
+    size_t tail_len;
+    uint8_t *tail = NULL, *cd = NULL, lh[30];
+    sp_zip_dir dir;
+    sp_zip_entry *es = NULL;
+    sp_error err;
+    name_ref *refs = NULL;
+    PyObject *out = NULL, *order = NULL;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "i:legacy_zip_records", &fd))
+        return NULL;
+    if (st_fd_size(fd, &size) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    tail_len = (size_t)(size < SP_ZIP_TAIL ? size : SP_ZIP_TAIL);
+    if (!(tail = malloc(tail_len ? tail_len : 1)))
+        return PyErr_NoMemory();
+    if (st_pread_all(fd, tail, tail_len, size - tail_len) != 0) {
+        raise_errno_fd(errno);
+        goto done;
+    }
+    if (sp_zip_find_dir(tail, tail_len, size, &dir, &err) != SP_OK) {
+        out = Py_NewRef(Py_None);
+        goto done;
+    }
+    if (!(cd = malloc(dir.cd_size ? (size_t)dir.cd_size : 1))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (st_pread_all(fd, cd, (size_t)dir.cd_size, dir.cd_offset) != 0) {
+        raise_errno_fd(errno);
+        goto done;
+    }
+    if (sp_zip_parse_dir(cd, (size_t)dir.cd_size, &dir, size, &es, &err) != SP_OK) {
+        if (err.code == SP_NOMEM)
+            PyErr_NoMemory();
+        else
+            out = Py_NewRef(Py_None);
+        goto done;
+    }
+    if (!(refs = malloc((dir.count ? (size_t)dir.count : 1) * sizeof(name_ref)))) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (uint64_t i = 0; i < dir.count; i++) {
+        refs[i].name = es[i].name;
+        refs[i].len = es[i].name_len;
+        refs[i].idx = (uint32_t)i;
+    }
+    mz_sort(refs, (size_t)dir.count);
+    if (!(order = PyList_New((Py_ssize_t)dir.count)))
+        goto done;
+    for (uint64_t i = 0; i < dir.count; i++) {
+        PyObject *ix = PyLong_FromUnsignedLong(refs[i].idx);
+        if (!ix)
+            goto done;
+        PyList_SET_ITEM(order, (Py_ssize_t)i, ix);
+    }
+    if (!(out = PyList_New((Py_ssize_t)dir.count)))
+        goto done;
+    for (uint64_t i = 0; i < dir.count; i++) {
+        const sp_zip_entry *e = &es[i];
+        uint64_t doff = 0;
+        long long at = -1;
+        PyObject *item;
+        rc = st_pread_all(fd, lh, 30, e->local_offset);
+        if (rc == 0 && sp_zip_data_offset(lh, 30, e, size, &doff, &err) == SP_OK)
+            at = (long long)doff;
+        else if (rc != 0 && errno != ENODATA) {
+            raise_errno_fd(errno);
+            Py_CLEAR(out);
+            goto done;
+        }
+        item = Py_BuildValue("(y#iKKL)", (const char *)e->name, (Py_ssize_t)e->name_len,
+                             (int)e->method, (unsigned long long)e->comp_size,
+                             (unsigned long long)e->size, at);
+        if (!item) {
+            Py_CLEAR(out);
+            goto done;
+        }
+        PyList_SET_ITEM(out, (Py_ssize_t)i, item);
+    }
+    out = Py_BuildValue("(NN)", out, order); /* steals both */
+    order = NULL;
+done:
+    Py_XDECREF(order);
+    free(refs);
+    free(tail);
+    free(cd);
+    free(es);
+    return out;
 }
 
 static PyMethodDef legacy_methods[] = {
@@ -1195,8 +1376,10 @@ static PyMethodDef legacy_methods[] = {
     {"legacy_dtype_names", legacy_dtype_names, METH_NOARGS,
      "torch's dtype names, in the engine's order."},
     {"legacy_load", legacy_load, METH_VARARGS,
-     "legacy_load(fd, mmap, cpu_ok, default_little) -> ('ok', obj) or "
-     "('fallback', reason, records_checked)."},
+     "legacy_load(fd, mmap, cpu_ok, default_little, unaligned=False) -> ('ok', obj), "
+     "('fallback', reason, records_checked) or ('refuse', message)."},
+    {"legacy_zip_records", legacy_zip_records, METH_VARARGS,
+     "legacy_zip_records(fd) -> ([(name, method, comp_size, size, data_offset)], lookup order) or None."},
     {NULL, NULL, 0, NULL},
 };
 

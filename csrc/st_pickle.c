@@ -208,6 +208,11 @@ typedef struct {
     size_t memo_cap;
     uint64_t op_pos;       /* where the current opcode began */
     unsigned flags;        /* SP_RUN_* */
+    uint32_t *keys;        /* open-addressed: STORAGE nodes by key, as torch caches them */
+    size_t keys_cap, n_keys;
+    uint32_t consts[3];    /* shared nodes of None, False, True (immutable) */
+    uint32_t empty_tuple;  /* shared node of () (immutable; a singleton in Python too) */
+    uint32_t small[256];   /* shared nodes of the ints 0..255 (immutable) */
 } machine;
 
 #define UNSUP(...) fail(m->err, SP_UNSUPPORTED, m->op_pos, __VA_ARGS__)
@@ -470,10 +475,11 @@ static sp_code rebuild_tensor(machine *m, int which, uint32_t args, uint32_t *ou
         dtype = d->dtype;
         if (s->v.i % (int64_t)sp_dtype_size(dtype))
             return UNSUP("an untyped storage that is not whole elements");
+        /* torch.empty(requires_grad=True) then set_: torch refuses every such tensor */
+        if (node(m, child(p, args, 4))->flags & SP_F_TRUE)
+            return UNSUP("rebuild_tensor_v3 with requires_grad");
     } else {
-        if (s->flags & SP_F_UNTYPED)
-            return UNSUP("rebuild_tensor_v2 of an untyped storage");
-        dtype = s->dtype;
+        dtype = s->dtype; /* uint8 for an untyped storage, as torch types it */
     }
     /* the tensor must lie inside its storage: torch would resize or refuse otherwise */
     for (uint32_t d = 0; d < nd_size; d++) {
@@ -619,10 +625,54 @@ static sp_code op_reduce(machine *m)
     return SP_OK;
 }
 
+/* FNV-1a over a STR node's bytes */
+static uint64_t key_hash(const machine *m, const sp_node *k)
+{
+    uint64_t h = 1469598103934665603ull;
+    for (uint32_t i = 0; i < k->len; i++)
+        h = (h ^ m->data[k->off + i]) * 1099511628211ull;
+    return h;
+}
+
+/* The slot of key (a STR node) in m->keys: its STORAGE node, or 0 where it would go. */
+static sp_code find_key(machine *m, uint32_t key, size_t *slot)
+{
+    const sp_node *k = node(m, key);
+    size_t i;
+    if (m->n_keys + 1 > m->keys_cap / 2) {
+        size_t c = m->keys_cap ? m->keys_cap * 2 : 64;
+        uint32_t *t = calloc(c, sizeof(uint32_t));
+        if (!t)
+            return fail(m->err, SP_NOMEM, m->op_pos, "out of memory");
+        for (size_t j = 0; j < m->keys_cap; j++) {
+            uint32_t id = m->keys[j];
+            if (!id)
+                continue;
+            i = (size_t)key_hash(m, node(m, node(m, id)->a)) & (c - 1);
+            while (t[i])
+                i = (i + 1) & (c - 1);
+            t[i] = id;
+        }
+        free(m->keys);
+        m->keys = t;
+        m->keys_cap = c;
+    }
+    i = (size_t)key_hash(m, k) & (m->keys_cap - 1);
+    while (m->keys[i]) {
+        const sp_node *o = node(m, node(m, m->keys[i])->a);
+        if (o->len == k->len && memcmp(m->data + o->off, m->data + k->off, k->len) == 0)
+            break;
+        i = (i + 1) & (m->keys_cap - 1);
+    }
+    *slot = i;
+    return SP_OK;
+}
+
 static sp_code op_binpersid(machine *m)
 {
     sp_plan *p = m->plan;
     uint32_t pid, id, stype, key, loc, numel;
+    size_t slot = 0;
     sp_code rc;
     if ((rc = pop(m, &pid)))
         return rc;
@@ -642,8 +692,21 @@ static sp_code op_binpersid(machine *m)
         node(m, loc)->kind != SP_K_STR || node(m, numel)->kind != SP_K_INT ||
         node(m, numel)->v.i < 0)
         return UNSUP("a storage id outside the subset");
+    /* torch keeps the first storage of each key (its dtype and size) and hands it out
+     * for every later reference, whatever that one claims */
+    if ((rc = find_key(m, key, &slot)))
+        return rc;
+    if (m->keys[slot]) {
+        id = m->keys[slot];
+        /* an empty storage is not kept (its data pointer is null) unless it is mapped */
+        if (node(m, id)->v.i == 0)
+            return UNSUP("an empty storage referenced again");
+        return push(m, id);
+    }
     if ((rc = leaf(m, SP_K_STORAGE, &id)))
         return rc;
+    m->keys[slot] = id;
+    m->n_keys++;
     node(m, id)->dtype = node(m, stype)->dtype;
     node(m, id)->flags = node(m, stype)->flags & SP_F_UNTYPED;
     node(m, id)->a = key;
@@ -732,22 +795,37 @@ static sp_code step(machine *m, uint8_t op)
     case ']':
         return leaf(m, SP_K_LIST, &id);
     case ')':
-        return leaf(m, SP_K_TUPLE, &id);
-    case 'N':
-        return leaf(m, SP_K_NONE, &id);
-    case 0x88: /* NEWTRUE */
-    case 0x89: /* NEWFALSE */
-        if ((rc = leaf(m, SP_K_BOOL, &id)))
+        if (!m->empty_tuple && (rc = new_node(m, SP_K_TUPLE, &m->empty_tuple)))
             return rc;
-        node(m, id)->flags = op == 0x88 ? SP_F_TRUE : 0;
-        return SP_OK;
+        return push(m, m->empty_tuple);
+    case 'N':
+    case 0x88: /* NEWTRUE */
+    case 0x89: /* NEWFALSE */ {
+        /* immutable: one node each, so a pickle of NONEs costs a stack slot per byte */
+        int k = op == 'N' ? 0 : op == 0x89 ? 1 : 2;
+        if (!m->consts[k]) {
+            if ((rc = new_node(m, k ? SP_K_BOOL : SP_K_NONE, &id)))
+                return rc;
+            node(m, id)->flags = k == 2 ? SP_F_TRUE : 0;
+            m->consts[k] = id;
+        }
+        return push(m, m->consts[k]);
+    }
     case 'J': /* BININT */
     case 'K': /* BININT1 */
     case 'M': /* BININT2 */ {
         size_t n = op == 'J' ? 4 : op == 'K' ? 1 : 2;
-        if ((rc = take(m, n, &b)) || (rc = leaf(m, SP_K_INT, &id)))
+        int64_t v;
+        if ((rc = take(m, n, &b)))
             return rc;
-        node(m, id)->v.i = op == 'J' ? (int64_t)(int32_t)le32(b) : op == 'K' ? b[0] : le16(b);
+        v = op == 'J' ? (int64_t)(int32_t)le32(b) : op == 'K' ? b[0] : le16(b);
+        if (v >= 0 && v < 256 && m->small[v]) /* a shared node: a stack slot per opcode */
+            return push(m, m->small[v]);
+        if ((rc = leaf(m, SP_K_INT, &id)))
+            return rc;
+        node(m, id)->v.i = v;
+        if (v >= 0 && v < 256)
+            m->small[v] = id;
         return SP_OK;
     }
     case 0x8a: /* LONG1 */ {
@@ -954,6 +1032,7 @@ done:
     free(m.stack);
     free(m.marks);
     free(m.memo);
+    free(m.keys);
     return rc;
 }
 

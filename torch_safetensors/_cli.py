@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Text
 
 import torch
 
-from . import _C, _checkpoint, _core, _legacy_map, _save, _sharded, _source
+from . import _C, _checkpoint, _core, _legacy, _save, _sharded, _source
 from ._checksums import CHECKSUM_ALGORITHM, CHECKSUM_KEY, file_crc as _file_crc, read_checksums
 from ._core import SafetensorError
 
@@ -635,17 +635,18 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 def _load_legacy(src: str) -> Any:
     """Loads src with weights_only semantics only; never runs code from it.
 
-    Zip checkpoints are mapped by torch (mmap=True), pre-1.6 ones by _legacy_map: the
-    data is read only when the writer copies it out, so memory does not grow with the
-    file. Anything else is read by torch.load(weights_only=True)."""
-    os.close(_source.open_regular(src)[0])  # a FIFO or a device is refused, never waited on
+    Zip checkpoints are mapped (mmap=True), pre-1.6 ones by the C legacy reader in its
+    unaligned mode (_legacy.load_for_convert): the data is read only when the writer
+    copies it out, so memory does not grow with the file. Anything else is read by
+    torch.load(weights_only=True)."""
+    fd = _source.open_regular(src)[0]  # a FIFO or a device is refused, never waited on
     try:
         head, _size = _read_head(src, 64)
-        if _legacy_map.is_pre16(head):
-            try:
-                return _legacy_map.load_pre16_mapped(src)
-            except _legacy_map.NotMappable:
-                pass  # torch's own loader below, reading into memory (still weights_only)
+        if _source.is_pre16(head):
+            got = _legacy.load_for_convert(fd)
+            if got is not None:
+                return got[0]
+            # else torch's own loader below, reading into memory (still weights_only)
         mmap = zipfile.is_zipfile(src)  # torch maps only zip checkpoints
         return torch.load(src, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
@@ -657,6 +658,8 @@ def _load_legacy(src: str) -> Any:
     except Exception as e:  # a damaged zip or pickle: torch raises many kinds
         raise CLIError(f"{src}: cannot be read as a checkpoint: {type(e).__name__}: {_one_line(str(e))}",
                        EXIT_INVALID) from None
+    finally:
+        os.close(fd)
 
 
 def _naming(path: str, message: str) -> str:

@@ -31,7 +31,7 @@ import torch.serialization as _ser
 
 from . import _C
 
-__all__ = ["load_path", "last_fallback"]
+__all__ = ["load_path", "load_for_convert", "last_fallback"]
 
 _C.legacy_init(
     OrderedDict,
@@ -117,9 +117,9 @@ def load_path(fd: int, bound: Any, torch_load: Callable[[], Any]) -> Any:
         What ``torch.load(f, weights_only=True)`` returns for the file.
 
     Raises:
-        RuntimeError: a storage record is shorter than its pickle claims, compressed, or
-            ambiguous, with mmap=True (torch would map the wrong bytes); and torch's own
-            errors for files it refuses.
+        RuntimeError: a storage record is shorter than its pickle claims, compressed,
+            ambiguous or cannot be checked, with mmap=True, for a file torch would load
+            (it would map the wrong bytes); torch's own errors for files it refuses.
         OSError: the file cannot be read.
     """
     global last_fallback
@@ -131,6 +131,7 @@ def load_path(fd: int, bound: Any, torch_load: Callable[[], Any]) -> Any:
         if head[:4] != _ZIP_MAGIC and not (head.startswith(_LEGACY_MAGIC) and not _is_tar(head)):
             why = "neither a zip nor a pre-1.6 checkpoint"
     checked = False
+    refusal: Optional[RuntimeError] = None
     if why is None:
         test = _cpu_test(a.get("map_location"))
         assert test is not None  # _why_torch ruled callables out
@@ -138,11 +139,55 @@ def load_path(fd: int, bound: Any, torch_load: Callable[[], Any]) -> Any:
         if out[0] == "ok":
             last_fallback = None
             return out[1]
-        why, checked = out[1], out[2]
+        if out[0] == "refuse":
+            why, checked, refusal = "refused: " + out[1], True, RuntimeError(out[1])
+        else:
+            why, checked = out[1], out[2]
     last_fallback = why
-    if use_mmap and not checked and a.get("weights_only") is not False:
-        _check_zip_records(fd)
-    return torch_load()
+    if use_mmap and not checked and a.get("weights_only") is not False and not _meta(a.get("map_location")):
+        refusal = _check_zip_records(fd, a.get("map_location"))
+    result = torch_load()  # torch's own error, when it refuses the file, comes first
+    if refusal is not None:
+        del result
+        raise refusal
+    return result
+
+
+def _meta(map_location: Any) -> bool:
+    """Whether torch builds meta storages for map_location (then it maps no data)."""
+    test = getattr(_ser, "_is_meta_location", None)
+    try:
+        return bool(test(map_location)) if test is not None else False
+    except Exception:  # noqa: BLE001 - torch decides; check as usual
+        return False
+
+
+def load_for_convert(fd: int) -> Optional[tuple]:
+    """Reads the legacy checkpoint open at fd with the C reader for ``convert``: every
+    storage a view of one private mapping, with no element alignment needed (the writer
+    only copies the bytes out), storages placed on the CPU as map_location="cpu" does.
+
+    Args:
+        fd: an open descriptor of a regular file.
+
+    Returns:
+        ``(obj,)``, what ``torch.load(f, map_location="cpu", weights_only=True)`` gives,
+        or None when torch's own loader must read the file (the reason is in
+        :data:`last_fallback`).
+
+    Raises:
+        OSError: the file cannot be read.
+    """
+    global last_fallback
+    why = _torch_state_allows()
+    if why is None:
+        out = _C.legacy_load(fd, True, lambda loc: True, _default_little(), True)
+        if out[0] == "ok":
+            last_fallback = None
+            return (out[1],)
+        why = out[1]
+    last_fallback = why
+    return None
 
 
 def _why_torch(a: Dict[str, Any], use_mmap: bool) -> Optional[str]:
@@ -162,84 +207,183 @@ def _why_torch(a: Dict[str, Any], use_mmap: bool) -> Optional[str]:
 # ---- the guard for files torch reads with mmap=True ----
 
 
-def _claimed_storage_bytes(data_pkl: bytes) -> Dict[str, int]:
+class _Unchecked(Exception):
+    """The records of a zip checkpoint cannot be checked the way torch would map them."""
+
+
+def _refuse_unchecked(why: str) -> RuntimeError:
+    return RuntimeError(
+        f"invalid checkpoint: {why}; refusing to map it, since torch.load(mmap=True) could "
+        "fill tensors from bytes outside their records. Load it with mmap=False."
+    )
+
+
+def _to_meta(map_location: Any, location: Any) -> bool:
+    """Whether torch moves a storage tagged location to the meta device (its bytes unused)."""
+    loc = location.decode("ascii", "replace") if isinstance(location, bytes) else str(location)
+    if isinstance(map_location, dict):
+        loc = map_location.get(loc, loc)
+    elif isinstance(map_location, (str, torch.device)):
+        loc = map_location
+    elif map_location is not None:
+        return False  # a callable: only torch knows
+    return str(loc).startswith("meta")
+
+
+def _claimed_storage_bytes(data_pkl: bytes, map_location: Any = None) -> Dict[str, int]:
     """Bytes each storage record must hold, by key, from a zip checkpoint's pickle.
 
     The pickle is run through torch's weights_only unpickler with storages on the meta
-    device: no data is read and nothing outside its allowlist can run."""
+    device: no data is read and nothing outside its allowlist can run. As torch does, a
+    key's first reference decides its dtype and size; later ones reuse it."""
     from torch import _weights_only_unpickler as wou
 
     claims: Dict[str, int] = {}
+    loaded: Dict[Any, Any] = {}
 
     def persistent_load(saved_id: Any) -> Any:
         typename, storage_type, key, _location, numel = saved_id
         if typename not in ("storage", b"storage"):
             raise pickle.UnpicklingError(f"unknown persistent id {typename!r}")
+        if key in loaded:  # torch maps every key once (an empty slice is kept too)
+            return loaded[key]
         dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
         nbytes = int(numel) * torch._utils._element_size(dtype)
-        claims[str(key)] = max(claims.get(str(key), 0), nbytes)
+        if nbytes and not _to_meta(map_location, _location):  # else no byte is used
+            claims[str(key)] = nbytes
         meta = torch.UntypedStorage(nbytes, device="meta")
-        return torch.storage.TypedStorage(wrap_storage=meta, dtype=dtype, _internal=True)
+        loaded[key] = torch.storage.TypedStorage(wrap_storage=meta, dtype=dtype, _internal=True)
+        return loaded[key]
 
     unpickler = wou.Unpickler(io.BytesIO(data_pkl), encoding="utf-8")
     unpickler.persistent_load = persistent_load  # type: ignore[attr-defined]
-    unpickler.load()
-    return claims
+    result = unpickler.load()
+    used = _storages_used(result)
+    if used is None:
+        return claims
+    return {str(k): n for k, n in claims.items()
+            if str(k) in claims and loaded[k]._untyped_storage._cdata in used}
 
 
-def _check_zip_records(fd: int) -> None:
-    """Refuses a zip checkpoint whose storage records are shorter than its pickle says,
-    for files the C reader left to torch with mmap=True.
+def _storages_used(obj: Any) -> Optional[set]:
+    """The storages (by _cdata) that tensors and storages reachable from obj use, or None
+    when obj holds something this walk does not know (then every claim counts)."""
+    used: set = set()
+    seen: set = set()
+    todo = [obj]
+    while todo:
+        o = todo.pop()
+        if id(o) in seen or o is None or type(o) in (bool, int, float, complex, str, bytes, torch.dtype,
+                                                     torch.device, torch.Size):
+            continue
+        seen.add(id(o))
+        if isinstance(o, torch.Tensor):
+            if type(o) not in (torch.Tensor, torch.nn.Parameter) or o.is_sparse or o.is_nested:
+                return None
+            used.add(o.untyped_storage()._cdata)
+        elif isinstance(o, torch.storage.TypedStorage):
+            used.add(o._untyped_storage._cdata)
+        elif isinstance(o, torch.UntypedStorage):
+            used.add(o._cdata)
+        elif type(o) in (list, tuple, set, frozenset):
+            todo.extend(o)
+        elif isinstance(o, dict) and type(o) in (dict, OrderedDict):
+            todo.extend(o.keys())
+            todo.extend(o.values())
+            todo.extend(vars(o).values() if hasattr(o, "__dict__") else ())
+        else:
+            return None
+    return used
+
+
+def _read_record(fd: int, rec: tuple) -> bytes:
+    import zlib
+
+    _name, method, comp_size, size, at = rec
+    if at < 0:
+        raise _Unchecked("a record whose local header cannot be read")
+    raw = os.pread(fd, comp_size, at)
+    if method == 0:
+        return raw
+    d = zlib.decompressobj(-15)
+    out = d.decompress(raw, size + 1)
+    if len(out) != size:
+        raise _Unchecked("a compressed record that does not inflate to its size")
+    return out
+
+
+def _check_zip_records(fd: int, map_location: Any = None) -> Optional[RuntimeError]:
+    """The refusal of a zip checkpoint whose storage records are shorter than its pickle
+    says, for files the C reader left to torch with mmap=True (None: nothing to refuse).
 
     torch.load(mmap=True) slices storages out of the mapped file by the sizes the pickle
     claims without checking the records (torch 2.13), so a short record would fill a
-    tensor from the bytes after it. The pickle is found as torch finds it: the archive
-    is the folder of the central directory's first entry, and names are matched without
-    regard to case (miniz's lookup); with several such members (zip readers disagree on
-    which one wins) each is checked, so extra members never switch the check off.
-    Anything this check cannot read is left to torch."""
-    import zipfile
-
+    tensor from the bytes after it. The directory is read by the C engine, as torch's zip
+    reader reads it (not by Python's zipfile, which disagrees with it on some files); the
+    pickle and the records are found as torch finds them: the archive is the folder of
+    the first entry, names are looked up as C strings (cut at a NUL byte) without regard
+    to ASCII case, in the order torch's zip library searches them (so of names equal but
+    for case, the one torch reads is checked). A file this check cannot
+    read is refused: it is never assumed to be checked. The caller raises the refusal only
+    if torch's loader accepts the file: when torch refuses it, its own error stands."""
+    if os.pread(fd, 4, 0) != _ZIP_MAGIC:
+        return  # torch refuses mmap=True for anything but a zip
     try:
-        with os.fdopen(os.dup(fd), "rb") as fobj, zipfile.ZipFile(fobj) as z:
-            infos = z.infolist()
-            if not infos or "/" not in infos[0].filename:
-                return  # torch refuses an archive without a top-level folder itself
-            prefix = infos[0].filename.split("/", 1)[0] + "/"
-            by_name: Dict[str, list] = {}
-            for i in infos:
-                by_name.setdefault(i.filename.lower(), []).append(i)
-            claims: Dict[str, int] = {}
-            for info in by_name.get((prefix + "data.pkl").lower(), []):
-                try:
-                    found = _claimed_storage_bytes(z.read(info))
-                except Exception:  # noqa: BLE001 - torch's unpickler refuses it too
-                    continue
-                for key, nbytes in found.items():
-                    claims[key] = max(claims.get(key, 0), nbytes)
-    except Exception:  # noqa: BLE001 - not a zip this check understands: torch decides
-        return
-    for key, nbytes in claims.items():
-        record = f"{prefix}data/{key}"
-        found_records = by_name.get(record.lower(), [])
-        if not found_records:
-            raise RuntimeError(
-                f"invalid checkpoint: record size None of {record!r} does not match the "
-                f"{nbytes} bytes its pickle claims; refusing to map it (mmap=True would "
-                "read the bytes that follow the record)"
-            )
-        for info in found_records:
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise RuntimeError(
-                    f"invalid checkpoint: record {record!r} is compressed; torch.load(mmap=True) "
-                    "would map the compressed bytes as the tensor's data. Load it with mmap=False."
-                )
-            if info.file_size < nbytes:
-                raise RuntimeError(
-                    f"invalid checkpoint: record size {info.file_size} of {record!r} does not "
-                    f"match the {nbytes} bytes its pickle claims; refusing to map it (mmap=True "
-                    "would read the bytes that follow the record)"
-                )
+        found = _C.legacy_zip_records(fd)
+        if found is None:
+            raise _Unchecked("a zip directory the reader cannot check")
+        records, order = found
+        searched = [records[i] for i in order]
+        if not records or b"/" not in records[0][0]:
+            return  # torch refuses an archive without a top-level folder itself
+        prefix = records[0][0].split(b"/", 1)[0] + b"/"
+        if b"\0" in prefix:
+            return  # torch looks up nothing in such a folder: it refuses the file
+        def lookup(rest: bytes) -> list:
+            # torch's binary search (miniz) over its case-blind order: the record it reads
+            name = (prefix + rest).split(b"\0", 1)[0].lower()
+            lo, hi = 0, len(searched) - 1
+            while lo <= hi:
+                mid = lo + ((hi - lo) >> 1)
+                have = searched[mid][0].lower()
+                if have == name:
+                    return [searched[mid]]
+                lo, hi = (mid + 1, hi) if have < name else (lo, mid - 1)
+            return []
+
+        claims: Dict[str, int] = {}
+        for rec in lookup(b"data.pkl"):
+            pkl = _read_record(fd, rec)
+            try:
+                found = _claimed_storage_bytes(pkl, map_location)
+            except pickle.UnpicklingError:
+                continue  # torch's weights_only unpickler refuses it too
+            except Exception as e:  # noqa: BLE001 - unsure what torch would map
+                raise _Unchecked(f"a data.pkl the check cannot read ({type(e).__name__})") from None
+            for key, nbytes in found.items():
+                claims[key] = max(claims.get(key, 0), nbytes)
+        size = os.fstat(fd).st_size
+        for key, nbytes in claims.items():
+            name = f"data/{key}".encode("utf-8", "surrogatepass")
+            for rec in lookup(name):  # none: torch fails to locate it, in every mode
+                shown = rec[0].decode("utf-8", "replace")
+                if rec[1] != 0:
+                    return RuntimeError(
+                        f"invalid checkpoint: record {shown!r} is compressed; refusing to map it "
+                        "(torch.load(mmap=True) would map the compressed bytes as the tensor's "
+                        "data). Load it with mmap=False."
+                    )
+                if rec[3] < nbytes:
+                    return RuntimeError(
+                        f"invalid checkpoint: record size {rec[3]} of {shown!r} does not "
+                        f"match the {nbytes} bytes its pickle claims; refusing to map it (mmap=True "
+                        "would read the bytes that follow the record)"
+                    )
+                if rec[4] < 0 or rec[4] > size - nbytes:
+                    raise _Unchecked(f"record {shown!r} whose data lies outside the file")
+    except _Unchecked as e:
+        return _refuse_unchecked(str(e))
+    return None
 
 
 # ---- torch's own loader, always with weights_only unless the caller said otherwise ----

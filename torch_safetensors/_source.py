@@ -440,6 +440,11 @@ def looks_like_safetensors(head: bytes) -> bool:
     return 2 <= n <= MAX_JSON_BYTES
 
 
+def is_pre16(head: bytes) -> bool:
+    """Whether the first bytes open a pre-1.6 torch checkpoint (pickle protocol 2)."""
+    return head.startswith(_PRE16_MAGIC)
+
+
 def describe_head(head: bytes) -> Optional[str]:
     """What a file that is not safetensors is, by its first bytes, when it is one of
     torch's formats (or a pickle); None otherwise."""
