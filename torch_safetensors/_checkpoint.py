@@ -369,6 +369,9 @@ class _Flattener:
                 # tensors stays byte-identical to safetensors': the modules whose loading
                 # needs the version all hold values that need a structure anyway
                 # (tests/test_structure_placement.py finds them)
+                shadow = [k for k in attrs if type(k) is not str or hasattr(OrderedDict, k)]
+                if shadow:
+                    raise _refuse(shown, v, f"its attribute {shadow[0]!r} would hide an OrderedDict method")
                 body = self.items(path, shown, v, depth)
                 plain, stored = not self.needs_structure, len(self.tensors)
                 extra = self.items(_join(path, "__dict__"), f"{shown}.__dict__", dict(attrs), depth)
@@ -642,7 +645,7 @@ class _Builder:
         name = node["t"]
         placed = self.tensors[name]
         if placed.device.type == "cpu":
-            return self.tensor(node, depth)
+            return placed.detach()  # the stored bytes, whatever flags another node gave that object
         if self.source is not None:
             return self.source(name)
         if placed.device.type == "meta":
@@ -722,7 +725,7 @@ class _Builder:
         self.charge(_COST_TENSOR)
         try:
             t = self.flags(node, self.make_kind(tk, node, depth), str(tk))
-        except (SafetensorError, NotImplementedError):
+        except (SafetensorError, _NotOnMeta):
             raise
         except (RuntimeError, ValueError, TypeError, IndexError, OverflowError) as e:
             raise _bad(f"a {tk} tensor cannot be rebuilt: {_one_line(e)}") from None
@@ -1075,13 +1078,17 @@ class _Builder:
         return obj
 
 
+class _NotOnMeta(NotImplementedError):
+    """What torch.load raises too: no quantized or nested tensors on the meta device."""
+
+
 def _not_on_meta(node: Dict[str, Any], tensors: Dict[str, torch.Tensor], tk: str) -> None:
     """torch has no quantized or nested meta tensors: say so, as torch.load does."""
     sub = node.get("int") if tk == "quant" else (node.get("parts") or [None])[0]
     name = sub.get("t") if type(sub) is dict else None
     if name in tensors and tensors[name].device.type == "meta":
         what = "quantized" if tk == "quant" else "nested"
-        raise NotImplementedError(f"tensor {name!r}: torch has no {what} tensors on the meta device (torch.load "
+        raise _NotOnMeta(f"tensor {name!r}: torch has no {what} tensors on the meta device (torch.load "
                                   "fails the same way); load with map_location='cpu'")
 
 
@@ -1264,6 +1271,8 @@ class _Info:
 
 
 def _where(path: str) -> str:
+    if len(path) > 160:
+        return "..." + path[-160:]  # deep nesting: the innermost part says where
     return path if path else "<root>"
 
 
@@ -1602,6 +1611,10 @@ class _Validator:
         items, attrs = self.arity(body, 2, path, "OrderedDict")
         self.tag_od(items, path, depth)
         self.pairs(attrs, _join(path, "__dict__"), depth, "OrderedDict attributes", str_keys=True)
+        names = attrs if type(attrs) is dict else [p[0] for p in attrs]
+        for name in names:
+            if hasattr(OrderedDict, name):  # an instance attribute 'keys' would hide the method
+                raise self.bad(_join(path, "__dict__"), f"attribute {name[:40]!r} would hide an OrderedDict method")
 
     def tag_counter(self, body: Any, path: str, depth: int) -> None:
         self.pairs(body, path, depth, "Counter")
