@@ -1750,10 +1750,17 @@ class _Validator:
             ok = _is_float_node(value) or type(value) is int and _fits_float(value, size)
             ok = ok and (type(value) is not float or _fits_float(value, size))
         else:
-            ok = _is_float_node(value) or type(value) is int and _fits_float(value, 8) or (
-                type(value) is dict and set(value) == {"c"})
-            if type(value) is dict and "c" in value:
+            half = size // 2  # each part of a complex64 is a float32
+
+            def fits(part: Any) -> bool:
+                return (_is_float_node(part) or type(part) is int) and (
+                    type(part) not in (int, float) or _fits_float(part, half))
+
+            if type(value) is dict and set(value) == {"c"}:
                 self.tag_c(value["c"], path, depth + 1)
+                ok = all(fits(part) for part in value["c"])
+            else:
+                ok = fits(value)
         if not ok:
             raise self.bad(path, f"a numpy {text} scalar holds {str(value)[:40]}")
 
