@@ -1293,6 +1293,7 @@ class _Validator:
         self.seen: set = set()  # (name, object number) already counted
         self.kinds: Dict[str, _Info] = {}  # a tk node's canonical text -> what it builds
         self.copied: set = set()  # (role, name, object number) whose copy is counted
+        self.data: Dict[str, None] = {}  # stored tensors read as values that are data (bytes, numpy)
 
     def bad(self, path: str, msg: str) -> SafetensorError:
         return _bad(f"at {_where(path)}: {msg}")
@@ -1314,6 +1315,7 @@ class _Validator:
     def copy(self, path: str, role: str, node: Dict[str, Any], nbytes: int) -> None:
         """A value that copies a stored tensor: counted once per object it builds."""
         key = (role, node.get("t"), 0 if node.get("same") == 1 else node.get("o", 0))
+        self.data[str(node.get("t"))] = None
         if key not in self.copied:
             self.copied.add(key)
             self.charge_data(path, nbytes)
@@ -1552,7 +1554,25 @@ class _Validator:
         (tag, body), = node.items()
         if tag not in (_V1_TAGS if self.version == 1 else _TAGS):
             raise self.bad(path, f"unknown node tag {str(tag)[:40]!r}")
-        getattr(self, "tag_" + tag)(body, path, depth)
+        check = getattr(self, "tag_" + tag, None)
+        if check is None:  # a tag this validator has no schema for: what it holds must exist
+            self.generic(body, path, depth)
+            return
+        check(body, path, depth)
+
+    def generic(self, body: Any, path: str, depth: int) -> None:
+        if depth > MAX_DEPTH:
+            raise self.bad(path, f"nested deeper than {MAX_DEPTH} levels")
+        if type(body) is list:
+            for i, item in enumerate(body):
+                self.generic(item, f"{path}[{i}]", depth + 1)
+        elif type(body) is dict and ("t" in body or "tk" in body):
+            self.tensor(body, path, depth + 1)
+        elif type(body) is dict and len(body) == 1 and next(iter(body)) in _TAGS:
+            self.node(body, path, depth + 1)
+        elif type(body) is dict:
+            for k, v in body.items():
+                self.generic(v, _join(path, str(k)), depth + 1)
 
     def seq(self, body: Any, path: str, depth: int, what: str) -> List[Any]:
         if type(body) is not list:
@@ -1732,6 +1752,8 @@ class _Validator:
         info = self.tensor(data, path, depth + 1)
         if info.dtype is not want:
             raise self.bad(path, f"a numpy array of dtype {text!r} holds {info.dtype} data")
+        inner = data if "t" in data else data.get("data", {})
+        self.data[str(inner.get("t"))] = None
         swapped = text[0] == ">" and sys.byteorder == "little" or text[0] == "<" and sys.byteorder == "big"
         if swapped and "t" in data:
             self.copy(path, "nd", data, _numel(info.shape) * _itemsize(info.dtype))
@@ -1853,8 +1875,11 @@ def validate(text: str, tensors: Dict[str, Tuple[str, Any, int]]) -> Dict[str, A
         tensors: the file's tensors by name: (safetensors dtype name, shape, stored bytes).
 
     Returns:
-        ``{"version": int, "classes": [names of the classes and functions it refers to]}``:
-        whether this process allows them is a loading question, not a validity one.
+        ``{"version": int, "classes": [...], "data": [...]}``: the classes and functions
+        it refers to (whether this process allows them is a loading question, not a
+        validity one), and the stored tensors read as values that are data, not tensors
+        (bytes, numpy arrays: a loader placing tensors on the meta device still needs
+        their bytes).
 
     Raises:
         SafetensorError: naming the node's path and what is wrong, or the budget.
@@ -1868,7 +1893,7 @@ def validate(text: str, tensors: Dict[str, Tuple[str, Any, int]]) -> Dict[str, A
             shape[-1] //= 2
         held[name] = (torch_dtype, tuple(shape), nbytes)
     v = _check(root, version, budget, spent, held)
-    return {"version": version, "classes": sorted(v.classes)}
+    return {"version": version, "classes": sorted(v.classes), "data": sorted(v.data)}
 
 
 def _data_allowance(held: Dict[str, Tuple[Optional[torch.dtype], Tuple[int, ...], int]]) -> int:
