@@ -9,6 +9,14 @@ it deeper) and decodes it, and describes it as the CLI's inspect does, with a fe
 allowlisted. Anything but a value or SafetensorError is a finding: the input is written
 to fuzz/build/artifacts/ and the run exits 1. Decoding must also stay within its time and
 memory bound (a timer per input; the decoder's own budget covers memory).
+
+Beyond "no crash", each input checks the invariant (issue 22):
+- verify's schema validator and the loader agree: what the validator refuses does not
+  load, and what loads validates;
+- what loads saves again, and loading that gives an exact copy (types, bits, ties, key
+  order), whose structure validates;
+- one round in four, a fresh checkpoint drawn from the property test's strategies over
+  the type table goes through save, load, verify and the safetensors package.
 """
 from __future__ import annotations
 
@@ -30,6 +38,9 @@ import torch
 
 import torch_safetensors  # noqa: F401 - installs the wrappers
 from torch_safetensors import _checkpoint
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+import test_structure_invariant as _invariant  # noqa: E402 - the property test's strategies and equality
 
 SafetensorError = _checkpoint.SafetensorError
 
@@ -107,6 +118,86 @@ def _mutate(rng: random.Random, doc, pool):
     return doc
 
 
+_NAMES = {v: k for k, v in _checkpoint.DTYPES.items() if v is not None}
+
+
+def _held(tensors):
+    """The file's tensors as verify sees them: (safetensors dtype, shape, bytes)."""
+    out = {}
+    for k, v in tensors.items():
+        shape = list(v.shape)
+        if _NAMES[v.dtype] == "F4":
+            shape[-1] *= 2
+        out[k] = (_NAMES[v.dtype], shape, v.numel() * v.element_size())
+    return out
+
+
+# what only building can tell: data-level tensor invariants, what an allowed class does
+_LOADER_ONLY = ("cannot be rebuilt", "out of range", "rebuilding", "is not a class", "is not callable",
+                "returned a", "is not a tensor subclass", "is not hashable", "unhashable", "factory is not callable")
+
+
+def _invariant_holds(tensors, text) -> bool:
+    """Validator and loader agree; what loads saves and reloads exactly. True if it loaded."""
+    try:
+        _checkpoint.validate(text, _held(tensors))
+        valid = None
+    except SafetensorError as e:
+        valid = e
+    try:
+        value = _checkpoint.unflatten(dict(tensors), {_checkpoint.STRUCTURE_KEY: text})
+    except SafetensorError as e:
+        if valid is None and e.code == "structure" and not any(w in str(e) for w in _LOADER_ONLY):
+            raise AssertionError(f"validated, then refused by the loader: {e}") from None
+        return False
+    if valid is not None:
+        raise AssertionError(f"loaded, but the validator refuses it: {valid}")
+    try:
+        again, meta = _checkpoint.flatten({"v": value, "n": 1})
+    except (TypeError, ValueError) as e:
+        if "collide" in str(e) or "cannot be saved" in str(e):
+            return True  # the mutation made keys that collide, or a value only a file can hold
+        raise
+    text2 = meta[_checkpoint.STRUCTURE_KEY]
+    _checkpoint.validate(text2, _held(again))
+    back = _checkpoint.unflatten(dict(again), meta)
+    _invariant.same({"v": value, "n": 1}, back, {})
+    return True
+
+
+def _fresh(rng: random.Random) -> None:
+    """A checkpoint from the property test's strategies, through the whole invariant."""
+    import tempfile
+
+    from hypothesis import HealthCheck, given, settings
+
+    seed = rng.randrange(1 << 30)
+
+    @settings(max_examples=1, deadline=None, database=None, suppress_health_check=list(HealthCheck),
+              derandomize=False)
+    @given(_invariant.checkpoint())
+    def one(obj):
+        with tempfile.TemporaryDirectory() as d:
+            _invariant.test_every_value_of_the_type_table_round_trips_exactly.hypothesis.inner_test(
+                _Factory(d), obj)
+
+    import hypothesis
+
+    hypothesis.seed(seed)(one)()
+
+
+class _Factory:
+    def __init__(self, root: str) -> None:
+        self.root = pathlib.Path(root)
+        self.n = 0
+
+    def mktemp(self, name: str) -> pathlib.Path:
+        self.n += 1
+        p = self.root / f"{name}{self.n}"
+        p.mkdir()
+        return p
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("seconds", type=float)
@@ -128,12 +219,18 @@ def main() -> int:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    _checkpoint.unflatten(dict(tensors), {_checkpoint.STRUCTURE_KEY: text})
+                    if rng.random() < 0.25:
+                        _fresh(rng)
+                    elif _invariant_holds(tensors, text):
+                        outcomes += 1
                     info = {k: {"dtype": str(v.dtype), "shape": list(v.shape)} for k, v in tensors.items()}
-                    _checkpoint.tree_lines(_checkpoint.describe(text, info))
-                outcomes += 1
-            except SafetensorError:
-                pass
+                    try:
+                        _checkpoint.tree_lines(_checkpoint.describe(text, info))
+                    except SafetensorError:
+                        pass
+            except SafetensorError as e:
+                if e.code not in ("structure", "budget", "not_allowed"):
+                    raise AssertionError(f"unexpected error code {e.code!r}: {e}") from None
             except Exception as e:  # noqa: BLE001 - any other exception is a finding
                 os.makedirs(artifacts, exist_ok=True)
                 path = os.path.join(artifacts, f"structure-{args.seed}-{runs}.json")

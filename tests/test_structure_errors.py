@@ -117,3 +117,33 @@ def test_the_pickle_fallback_applies_to_a_refusal_whatever_raised_it(tmp_path):
         assert (tmp_path / "x.pt").read_bytes()[:2] == b"PK"  # torch's zip
     finally:
         _default._format, _default._fallback = saved
+
+
+def test_ordered_dict_attributes_cannot_hide_its_methods(tmp_path):
+    p = craft(tmp_path / "a.safetensors", {}, {"oda": [{"a": 1}, {"keys": 1}]})
+    with pytest.raises(SafetensorError, match="hide an OrderedDict method"):
+        torch.load(p)
+    assert _cli.main(["verify", p]) == _cli.EXIT_INVALID
+    od = __import__("collections").OrderedDict(a=1)
+    od.items = "x"
+    with pytest.raises(TypeError, match="would hide an OrderedDict method"):
+        torch.save({"od": od}, tmp_path / "b.safetensors", format="safetensors")
+    od = __import__("collections").OrderedDict(a=1)
+    od._metadata = {"": {"version": 1}}
+    od.note = "kept"
+    back = torch.load(ts_save(tmp_path, {"od": od}, "c.safetensors"))["od"]
+    assert back._metadata == od._metadata and back.note == "kept"
+
+
+def test_attack_findings_stay_fixed(tmp_path):
+    """From the section 6 attack: a torch refusal of an unsupported part dtype is a
+    SafetensorError, and a value that is data reads the stored bytes whatever flags another
+    node gave the same tensor object (the validator accepted both)."""
+    p = craft(tmp_path / "a.safetensors", {"u": torch.zeros(4, dtype=torch.uint16)},
+              {"tk": "nested", "layout": "strided", "parts": [{"t": "u"}]})
+    with pytest.raises(SafetensorError, match="cannot be rebuilt"):
+        torch.load(p)
+    p = craft(tmp_path / "b.safetensors", {"w": torch.arange(4.0)},
+              {"l": [{"t": "w", "g": 1}, {"nd": ["<f4", {"t": "w", "same": 1}]}]})
+    w, arr = torch.load(p)
+    assert w.requires_grad and arr.tolist() == [0.0, 1.0, 2.0, 3.0]

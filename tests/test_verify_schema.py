@@ -211,3 +211,17 @@ def _read_meta(path):
         return dict(r.metadata() or {})
     finally:
         r.close()
+
+
+def test_validate_names_the_tensors_read_as_data_and_tolerates_unknown_tags(monkeypatch):
+    tensors, meta = _checkpoint.flatten({"a": np.arange(3), "c": np.array([1j]), "b": bytes(5000), "w": torch.ones(2)})
+    names = {v: k for k, v in _checkpoint.DTYPES.items() if v is not None}
+    held = {k: (names[v.dtype], list(v.shape), v.numel() * v.element_size()) for k, v in tensors.items()}
+    assert _checkpoint.validate(meta[_checkpoint.STRUCTURE_KEY], held)["data"] == ["a", "b", "c"]
+    # a tag added to the type table later, without a schema here: what it holds must still exist
+    monkeypatch.setitem(_checkpoint._TAGS, "zz", lambda b, body, depth: body)
+    ok = json.dumps({"version": 2, "root": {"zz": {"inner": {"t": "w"}, "x": [1, {"l": [2]}]}}})
+    assert _checkpoint.validate(ok, {"w": ("F32", [2], 8)})["classes"] == []
+    bad = json.dumps({"version": 2, "root": {"zz": {"inner": {"t": "nope"}}}})
+    with pytest.raises(SafetensorError, match="at inner: .*'nope'"):
+        _checkpoint.validate(bad, {})

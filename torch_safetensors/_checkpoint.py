@@ -373,6 +373,9 @@ class _Flattener:
                 # tensors stays byte-identical to safetensors': the modules whose loading
                 # needs the version all hold values that need a structure anyway
                 # (tests/test_structure_placement.py finds them)
+                shadow = [k for k in attrs if type(k) is not str or hasattr(OrderedDict, k)]
+                if shadow:
+                    raise _refuse(shown, v, f"its attribute {shadow[0]!r} would hide an OrderedDict method")
                 body = self.items(path, shown, v, depth)
                 plain, stored = not self.needs_structure, len(self.tensors)
                 extra = self.items(_join(path, "__dict__"), f"{shown}.__dict__", dict(attrs), depth)
@@ -646,7 +649,7 @@ class _Builder:
         name = node["t"]
         placed = self.tensors[name]
         if placed.device.type == "cpu":
-            return self.tensor(node, depth)
+            return placed.detach()  # the stored bytes, whatever flags another node gave that object
         if self.source is not None:
             return self.source(name)
         if placed.device.type == "meta":
@@ -726,7 +729,7 @@ class _Builder:
         self.charge(_COST_TENSOR)
         try:
             t = self.flags(node, self.make_kind(tk, node, depth), str(tk))
-        except (SafetensorError, NotImplementedError):
+        except (SafetensorError, _NotOnMeta):
             raise
         except (RuntimeError, ValueError, TypeError, IndexError, OverflowError) as e:
             raise _bad(f"a {tk} tensor cannot be rebuilt: {_one_line(e)}") from None
@@ -1079,13 +1082,17 @@ class _Builder:
         return obj
 
 
+class _NotOnMeta(NotImplementedError):
+    """What torch.load raises too: no quantized or nested tensors on the meta device."""
+
+
 def _not_on_meta(node: Dict[str, Any], tensors: Dict[str, torch.Tensor], tk: str) -> None:
     """torch has no quantized or nested meta tensors: say so, as torch.load does."""
     sub = node.get("int") if tk == "quant" else (node.get("parts") or [None])[0]
     name = sub.get("t") if type(sub) is dict else None
     if name in tensors and tensors[name].device.type == "meta":
         what = "quantized" if tk == "quant" else "nested"
-        raise NotImplementedError(f"tensor {name!r}: torch has no {what} tensors on the meta device (torch.load "
+        raise _NotOnMeta(f"tensor {name!r}: torch has no {what} tensors on the meta device (torch.load "
                                   "fails the same way); load with map_location='cpu'")
 
 
@@ -1268,6 +1275,8 @@ class _Info:
 
 
 def _where(path: str) -> str:
+    if len(path) > 160:
+        return "..." + path[-160:]  # deep nesting: the innermost part says where
     return path if path else "<root>"
 
 
@@ -1288,6 +1297,7 @@ class _Validator:
         self.seen: set = set()  # (name, object number) already counted
         self.kinds: Dict[str, _Info] = {}  # a tk node's canonical text -> what it builds
         self.copied: set = set()  # (role, name, object number) whose copy is counted
+        self.data: Dict[str, None] = {}  # stored tensors read as values that are data (bytes, numpy)
 
     def bad(self, path: str, msg: str) -> SafetensorError:
         return _bad(f"at {_where(path)}: {msg}")
@@ -1309,6 +1319,7 @@ class _Validator:
     def copy(self, path: str, role: str, node: Dict[str, Any], nbytes: int) -> None:
         """A value that copies a stored tensor: counted once per object it builds."""
         key = (role, node.get("t"), 0 if node.get("same") == 1 else node.get("o", 0))
+        self.data[str(node.get("t"))] = None
         if key not in self.copied:
             self.copied.add(key)
             self.charge_data(path, nbytes)
@@ -1547,7 +1558,25 @@ class _Validator:
         (tag, body), = node.items()
         if tag not in (_V1_TAGS if self.version == 1 else _TAGS):
             raise self.bad(path, f"unknown node tag {str(tag)[:40]!r}")
-        getattr(self, "tag_" + tag)(body, path, depth)
+        check = getattr(self, "tag_" + tag, None)
+        if check is None:  # a tag this validator has no schema for: what it holds must exist
+            self.generic(body, path, depth)
+            return
+        check(body, path, depth)
+
+    def generic(self, body: Any, path: str, depth: int) -> None:
+        if depth > MAX_DEPTH:
+            raise self.bad(path, f"nested deeper than {MAX_DEPTH} levels")
+        if type(body) is list:
+            for i, item in enumerate(body):
+                self.generic(item, f"{path}[{i}]", depth + 1)
+        elif type(body) is dict and ("t" in body or "tk" in body):
+            self.tensor(body, path, depth + 1)
+        elif type(body) is dict and len(body) == 1 and next(iter(body)) in _TAGS:
+            self.node(body, path, depth + 1)
+        elif type(body) is dict:
+            for k, v in body.items():
+                self.generic(v, _join(path, str(k)), depth + 1)
 
     def seq(self, body: Any, path: str, depth: int, what: str) -> List[Any]:
         if type(body) is not list:
@@ -1606,6 +1635,10 @@ class _Validator:
         items, attrs = self.arity(body, 2, path, "OrderedDict")
         self.tag_od(items, path, depth)
         self.pairs(attrs, _join(path, "__dict__"), depth, "OrderedDict attributes", str_keys=True)
+        names = attrs if type(attrs) is dict else [p[0] for p in attrs]
+        for name in names:
+            if hasattr(OrderedDict, name):  # an instance attribute 'keys' would hide the method
+                raise self.bad(_join(path, "__dict__"), f"attribute {name[:40]!r} would hide an OrderedDict method")
 
     def tag_counter(self, body: Any, path: str, depth: int) -> None:
         self.pairs(body, path, depth, "Counter")
@@ -1723,6 +1756,8 @@ class _Validator:
         info = self.tensor(data, path, depth + 1)
         if info.dtype is not want:
             raise self.bad(path, f"a numpy array of dtype {text!r} holds {info.dtype} data")
+        inner = data if "t" in data else data.get("data", {})
+        self.data[str(inner.get("t"))] = None
         swapped = text[0] == ">" and sys.byteorder == "little" or text[0] == "<" and sys.byteorder == "big"
         if swapped and "t" in data:
             self.copy(path, "nd", data, _numel(info.shape) * _itemsize(info.dtype))
@@ -1741,10 +1776,17 @@ class _Validator:
             ok = _is_float_node(value) or type(value) is int and _fits_float(value, size)
             ok = ok and (type(value) is not float or _fits_float(value, size))
         else:
-            ok = _is_float_node(value) or type(value) is int and _fits_float(value, 8) or (
-                type(value) is dict and set(value) == {"c"})
-            if type(value) is dict and "c" in value:
+            half = size // 2  # each part of a complex64 is a float32
+
+            def fits(part: Any) -> bool:
+                return (_is_float_node(part) or type(part) is int) and (
+                    type(part) not in (int, float) or _fits_float(part, half))
+
+            if type(value) is dict and set(value) == {"c"}:
                 self.tag_c(value["c"], path, depth + 1)
+                ok = all(fits(part) for part in value["c"])
+            else:
+                ok = fits(value)
         if not ok:
             raise self.bad(path, f"a numpy {text} scalar holds {str(value)[:40]}")
 
@@ -1837,8 +1879,11 @@ def validate(text: str, tensors: Dict[str, Tuple[str, Any, int]]) -> Dict[str, A
         tensors: the file's tensors by name: (safetensors dtype name, shape, stored bytes).
 
     Returns:
-        ``{"version": int, "classes": [names of the classes and functions it refers to]}``:
-        whether this process allows them is a loading question, not a validity one.
+        ``{"version": int, "classes": [...], "data": [...]}``: the classes and functions
+        it refers to (whether this process allows them is a loading question, not a
+        validity one), and the stored tensors read as values that are data, not tensors
+        (bytes, numpy arrays: a loader placing tensors on the meta device still needs
+        their bytes).
 
     Raises:
         SafetensorError: naming the node's path and what is wrong, or the budget.
@@ -1852,7 +1897,7 @@ def validate(text: str, tensors: Dict[str, Tuple[str, Any, int]]) -> Dict[str, A
             shape[-1] //= 2
         held[name] = (torch_dtype, tuple(shape), nbytes)
     v = _check(root, version, budget, spent, held)
-    return {"version": version, "classes": sorted(v.classes)}
+    return {"version": version, "classes": sorted(v.classes), "data": sorted(v.data)}
 
 
 def _data_allowance(held: Dict[str, Tuple[Optional[torch.dtype], Tuple[int, ...], int]]) -> int:
