@@ -19,6 +19,7 @@ torch's loader is used when:
 """
 from __future__ import annotations
 
+import gc
 import io
 import mmap as _mmap
 import os
@@ -135,7 +136,7 @@ def load_path(fd: int, bound: Any, torch_load: Callable[[], Any]) -> Any:
     if why is None:
         test = _cpu_test(a.get("map_location"))
         assert test is not None  # _why_torch ruled callables out
-        out = _C.legacy_load(fd, use_mmap, test, _default_little())
+        out = _load_no_gc(fd, use_mmap, test)
         if out[0] == "ok":
             last_fallback = None
             return out[1]
@@ -162,6 +163,19 @@ def _meta(map_location: Any) -> bool:
         return False
 
 
+def _load_no_gc(fd: int, use_mmap: bool, cpu_ok: Callable[[str], bool], unaligned: bool = False) -> tuple:
+    """_C.legacy_load with Python's cyclic GC paused: building thousands of tensors would
+    otherwise run collections over every object in the process (after ``import torch``, a
+    full one takes ~0.1 s), none of which can free what is being built."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        return _C.legacy_load(fd, use_mmap, cpu_ok, _default_little(), unaligned)
+    finally:
+        if was:
+            gc.enable()
+
+
 def load_for_convert(fd: int) -> Optional[tuple]:
     """Reads the legacy checkpoint open at fd with the C reader for ``convert``: every
     storage a view of one private mapping, with no element alignment needed (the writer
@@ -181,7 +195,7 @@ def load_for_convert(fd: int) -> Optional[tuple]:
     global last_fallback
     why = _torch_state_allows()
     if why is None:
-        out = _C.legacy_load(fd, True, lambda loc: True, _default_little(), True)
+        out = _load_no_gc(fd, True, lambda loc: True, True)
         if out[0] == "ok":
             last_fallback = None
             return (out[1],)
