@@ -252,22 +252,25 @@ def _claimed_storage_bytes(data_pkl: bytes, map_location: Any = None) -> Dict[st
     key's first reference decides its dtype and size; later ones reuse it."""
     from torch import _weights_only_unpickler as wou
 
-    claims: Dict[str, int] = {}
+    claims: Dict[Any, int] = {}
     loaded: Dict[Any, Any] = {}
 
     def persistent_load(saved_id: Any) -> Any:
         typename, storage_type, key, _location, numel = saved_id
         if typename not in ("storage", b"storage"):
             raise pickle.UnpicklingError(f"unknown persistent id {typename!r}")
-        if key in loaded:  # torch maps every key once (an empty slice is kept too)
+        if key in loaded:  # torch maps every key once (an empty slice of the mapping too)
             return loaded[key]
         dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
         nbytes = int(numel) * torch._utils._element_size(dtype)
-        if nbytes and not _to_meta(map_location, _location):  # else no byte is used
-            claims[str(key)] = nbytes
+        to_meta = _to_meta(map_location, _location)
+        if nbytes and not to_meta:  # else no byte is used
+            claims[key] = nbytes
         meta = torch.UntypedStorage(nbytes, device="meta")
-        loaded[key] = torch.storage.TypedStorage(wrap_storage=meta, dtype=dtype, _internal=True)
-        return loaded[key]
+        typed = torch.storage.TypedStorage(wrap_storage=meta, dtype=dtype, _internal=True)
+        if not to_meta:  # torch keeps a storage whose data pointer is not null: a mapped one
+            loaded[key] = typed
+        return typed
 
     unpickler = wou.Unpickler(io.BytesIO(data_pkl), encoding="utf-8")
     unpickler.persistent_load = persistent_load  # type: ignore[attr-defined]
@@ -275,8 +278,7 @@ def _claimed_storage_bytes(data_pkl: bytes, map_location: Any = None) -> Dict[st
     used = _storages_used(result)
     if used is None:
         return claims
-    return {str(k): n for k, n in claims.items()
-            if str(k) in claims and loaded[k]._untyped_storage._cdata in used}
+    return {str(k): n for k, n in claims.items() if k in loaded and loaded[k]._untyped_storage._cdata in used}
 
 
 def _storages_used(obj: Any) -> Optional[set]:
