@@ -32,7 +32,7 @@ import torch.serialization as _ser
 
 from . import _C
 
-__all__ = ["load_path", "load_for_convert", "last_fallback"]
+__all__ = ["load_path", "load_fileobj", "load_for_convert", "last_fallback"]
 
 _C.legacy_init(
     OrderedDict,
@@ -174,6 +174,72 @@ def _load_no_gc(fd: int, use_mmap: bool, cpu_ok: Callable[[str], bool], unaligne
     finally:
         if was:
             gc.enable()
+
+
+def load_fileobj(f: Any, bound: Any, torch_load: Callable[[], Any]) -> Any:
+    """Loads the legacy checkpoint in a seekable file object with the C reader, or with
+    torch_load (the same rules as :func:`load_path`).
+
+    The zip directory is read through ``seek``/``read`` (``readinto`` when there is one),
+    each storage record straight into its tensor's memory: the stream is never copied
+    whole. torch's loader reads the file instead when the object is not at its start,
+    cannot seek, or ``mmap=True`` is asked (torch refuses that for file objects); the
+    object is put back at its start first.
+
+    Args:
+        f: a file object with ``read``, ``seek`` and ``tell`` (io.BytesIO, an open file,
+            a tar member, ...).
+        bound: torch.load's bound arguments.
+        torch_load: calls torch's own loader on f with weights_only=True (or as the
+            caller explicitly asked).
+
+    Returns:
+        What ``torch.load(f, weights_only=True)`` returns for the file.
+
+    Raises:
+        Whatever torch raises for files it refuses, and what the file object raises.
+    """
+    global last_fallback
+    a = bound.arguments
+    use_mmap = _mmap_wanted(a.get("mmap"))
+    why = _why_torch(a, use_mmap)
+    start: Optional[int] = None
+    if why is None and use_mmap:
+        why = "mmap=True with a file object"
+    if why is None:
+        try:
+            start = f.tell()
+            end = f.seek(0, io.SEEK_END)
+            size = f.tell() if end is None else end
+            f.seek(start)
+        except Exception:  # noqa: BLE001 - torch decides what such an object is
+            why, start = "a file object that cannot seek", None
+    if why is None and start != 0:
+        why = "a file object not at its start"
+    if why is None:
+        head = f.read(512)
+        f.seek(0)
+        if not isinstance(head, bytes) or (head[:4] != _ZIP_MAGIC and not (head.startswith(_LEGACY_MAGIC)
+                                                                       and not _is_tar(head))):
+            why = "neither a zip nor a pre-1.6 checkpoint"
+    if why is None:
+        test = _cpu_test(a.get("map_location"))
+        assert test is not None  # _why_torch ruled callables out
+        was = gc.isenabled()
+        gc.disable()
+        try:
+            out = _C.legacy_load_fileobj(f, size, test, _default_little())
+        finally:
+            if was:
+                gc.enable()
+        if out[0] == "ok":
+            last_fallback = None
+            return out[1]
+        why = out[1]
+    last_fallback = why
+    if start is not None:
+        f.seek(start)
+    return torch_load()
 
 
 def load_for_convert(fd: int) -> Optional[tuple]:
