@@ -258,10 +258,17 @@ def load_legacy(src: _source.Source, a: Args) -> Any:
 
 
 def load_fileobj(src: _source.Source, a: Args) -> Any:
-    """A seekable file object that is not safetensors: torch's loader (weights_only)."""
+    """A seekable file object that is not safetensors: our C legacy reader first, reading
+    through seek/readinto (``_legacy.load_fileobj``), torch's weights_only loader for the
+    rest. An object whose first bytes could not be read goes to torch, which says why."""
     if a.format == "safetensors":
         return _strict(src, a)
-    return _legacy.torch_load(src.f, a.bound, src.head or None)
+    fallback = lambda: _legacy.torch_load(src.f, a.bound, src.head or None)  # noqa: E731
+    if not src.head or (_source.is_pre16(src.head) and not callable(getattr(src.f, "readline", None))):
+        # (torch reads a pre-1.6 file with pickle, which needs readline: without it
+        # torch refuses the object, and so do we, in its words)
+        return fallback()
+    return _legacy.load_fileobj(src.f, a.bound, fallback)
 
 
 def _strict(src: _source.Source, a: Args) -> Any:
