@@ -4,6 +4,7 @@
     python benchmarks/bench_legacy.py --quick    # 2,000 small tensors; a 64 MiB checkpoint
     python benchmarks/bench_legacy.py --fresh    # the first load in a fresh process (issue 19)
     python benchmarks/bench_legacy.py --plan-memory   # the engine's memory per pickle byte
+    python benchmarks/bench_legacy.py --fileobj  # io.BytesIO sources through the C reader
 
 Workloads (issue 15, point 3), each in the zip format and the pre-1.6 format:
   small  20,000 tensors of 16 float32 values (a state dict of many small layers);
@@ -187,6 +188,40 @@ def plan_memory(d: str) -> None:
         print(f"| {name} | {got[0]:.1f}x | {got[1]:.1f}x |", flush=True)
 
 
+def fileobj(repeat: int, large_mib: int) -> None:
+    """io.BytesIO of the small and large zip workloads: _legacy.load_fileobj (what the
+    loader calls for seekable file objects) vs plain torch.load on the same object."""
+    import inspect
+    import io
+
+    bound = inspect.signature(torch.load).bind(None, weights_only=True)
+    n = large_mib * 2**20 // 4 // 8
+    print("| workload | torch.load(BytesIO) | ours | ratio |")
+    print("|---|---|---|---|")
+    for name, sd in (("small", {f"layers.{i}.weight": torch.randn(256) for i in range(20000)}),
+                     ("large", {f"block.{i}.weight": torch.randn(n) for i in range(8)})):
+        buf = io.BytesIO()
+        torch.save(sd, buf)
+        data = buf.getvalue()
+        del sd, buf
+
+        def theirs() -> Any:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return _torch._orig_load(io.BytesIO(data), weights_only=True)
+
+        def ours() -> Any:
+            out = _legacy.load_fileobj(io.BytesIO(data), bound, lambda: None)
+            if _legacy.last_fallback is not None:
+                raise RuntimeError(_legacy.last_fallback)
+            return out
+
+        t, o = timed_pair(theirs, ours, repeat)
+        tm, om = statistics.median(t), statistics.median(o)
+        print(f"| {name} | {tm:.4f} s | {om:.4f} s | {om / tm:.3f} |", flush=True)
+    print(f"\nsmall: 20000 x 1 KiB; large: 8 x {large_mib // 8} MiB float32; zip; median of {repeat}, warm")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -194,7 +229,12 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where to write the checkpoints (default: a temp dir)")
     ap.add_argument("--fresh", action="store_true", help="only the first load of fresh processes")
     ap.add_argument("--plan-memory", action="store_true", help="only the engine's memory per pickle byte")
+    ap.add_argument("--fileobj", action="store_true", help="only io.BytesIO sources")
     args = ap.parse_args()
+    if args.fileobj:
+        torch.set_num_threads(1)
+        fileobj(args.repeat or 3, 64 if args.quick else 512)
+        return
     if args.fresh or args.plan_memory:
         with tempfile.TemporaryDirectory(dir=args.dir) as d:
             if args.plan_memory:
