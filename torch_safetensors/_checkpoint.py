@@ -118,6 +118,10 @@ def _tensor_problem(path: str, t: torch.Tensor) -> Optional[TypeError]:
 def _unstorable(path: str, t: torch.Tensor) -> Optional[TypeError]:
     """A clear error for tensors that cannot be stored even as components."""
     kind = type(t)
+    if kind is torch.Tensor or kind is _Parameter:
+        problem = _no_data(path, t)
+        if problem is not None:
+            return problem
     if kind is not torch.Tensor and kind is not _Parameter:
         name = f"{kind.__module__}.{kind.__qualname__}"
         if "DTensor" in kind.__name__:
@@ -185,6 +189,7 @@ class _Flattener:
         self.keep_alive: List[Any] = []
         self.active: set = set()  # ids of containers being walked: cycles are refused
         self.needs_structure = False
+        self.tsubs: Dict[int, str] = {}  # traceable subclass objects: id -> their node's name
 
     # -- tensors --
 
@@ -206,6 +211,8 @@ class _Flattener:
         if not path:
             path = "tensor"
             self.needs_structure = True  # a bare tensor must come back as a tensor
+        if type(t) is not torch.Tensor and type(t) is not _Parameter:
+            return _subclass_node(self, path, shown, t)
         flags: Dict[str, Any] = {}
         if type(t) is _Parameter:
             flags["p"] = 1
@@ -213,8 +220,6 @@ class _Flattener:
             flags["g"] = 1
         if flags:
             self.needs_structure = True
-        if type(t) not in (torch.Tensor, _Parameter):
-            return self.subclass(path, shown, t, flags)
         plain = (
             t.layout is torch.strided and not t.is_nested and not t.is_quantized
             and t.device.type != "meta" and t.dtype in _STORABLE_DTYPES
@@ -497,7 +502,7 @@ def split(obj: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, str], bool]:
     """
     if _C.plain_flat(obj) and all(
         t.layout is torch.strided and t.dtype in _STORABLE_DTYPES and t.device.type != "meta"
-        and not t.is_nested and not t.is_quantized for t in obj.values()
+        and not t.is_nested and not t.is_quantized and _no_data("", t) is None for t in obj.values()
     ):
         return obj, {}, True
     tensors, meta = flatten(obj)
@@ -513,6 +518,186 @@ def explain(obj: Any) -> None:
                 problem = _tensor_problem(str(k), v)
                 if problem is not None:
                     raise problem
+
+
+# ---- tensor subclasses ----
+#
+# A subclass that implements __tensor_flatten__ / __tensor_unflatten__ (torchao's quantized
+# and optimizer-state tensors, and any user class following the protocol) is stored as its
+# inner tensors, plain named tensors under "<name>.<attribute>", plus one "tsub" node: the
+# class reference, the flatten context as a value of the type table, the outer size, stride
+# and dtype. Loading resolves the class through the allowlist before anything else and
+# calls __tensor_unflatten__. A subclass object that appears under several names is one
+# node ("same" references it); inner tensors tie like any tensor. Other subclasses: one
+# that overrides __torch_dispatch__ has no data of its own to store and is refused; any
+# other is the "sub" row (its storage, class and __dict__), read with __torch_function__
+# disabled so that none of its overrides runs while saving.
+
+
+def _type_path(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _no_data(path: str, t: torch.Tensor) -> Optional[TypeError]:
+    """A tensor of a plain type whose data lives elsewhere: a functionalized tensor, or a
+    torch.func (grad, vmap) wrapper, seen while tracing. Either has no bytes to store."""
+    if torch._is_functional_tensor(t):
+        what = "a functionalized tensor (torch.func.functionalize or torch.compile tracing)"
+    elif torch._C._functorch.is_functorch_wrapped_tensor(t):
+        what = "a torch.func wrapper (inside grad, vjp, jvp or vmap)"
+    else:
+        return None
+    return TypeError(f"{path or 'the object'}: {what} has no data of its own to save in safetensors "
+                     "format; save real tensors, outside the transform")
+
+
+def _is_traceable(kind: type) -> bool:
+    """Whether a tensor subclass implements the flatten protocol (as torch's
+    is_traceable_wrapper_subclass decides it)."""
+    return callable(getattr(kind, "__tensor_flatten__", None)) and callable(getattr(kind, "__tensor_unflatten__", None))
+
+
+def _python_dispatch(t: torch.Tensor) -> bool:
+    """Whether t's operations go to a __torch_dispatch__ (wrapper subclasses and the like)."""
+    return torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python)
+
+
+def _subclass_node(fl: "_Flattener", path: str, shown: str, t: torch.Tensor) -> Any:
+    """The node of a tensor whose type is a subclass of torch.Tensor (Parameter aside).
+
+    Raises:
+        TypeError: naming the path, for a subclass that cannot be stored, one whose
+            protocol methods fail, or one that recursed without end.
+    """
+    kind = type(t)
+    try:
+        with torch._C.DisableTorchFunctionSubclass():
+            if _is_traceable(kind):
+                return _flatten_tsub(fl, path, shown, t)
+            if _python_dispatch(t):
+                raise TypeError(
+                    f"{shown}: tensor subclass {_type_path(kind)} overrides __torch_dispatch__ without "
+                    "__tensor_flatten__/__tensor_unflatten__, so its values are made by its code rather than "
+                    "held in its storage, and cannot be saved in safetensors format; implement the "
+                    "flatten protocol, or save plain tensors"
+                )
+            flags: Dict[str, Any] = {"g": 1} if t.requires_grad else {}
+            return fl.subclass(path, shown, t, flags)
+    except RecursionError:
+        raise TypeError(f"{shown}: tensor subclass {_type_path(kind)} recursed without end while being taken "
+                        "apart; it cannot be saved in safetensors format") from None
+
+
+def _flatten_tsub(fl: "_Flattener", path: str, shown: str, t: torch.Tensor) -> Dict[str, Any]:
+    fl.needs_structure = True
+    if id(t) in fl.active:
+        raise ValueError(f"{shown}: the tensor subclass contains itself; cycles cannot be saved")
+    if len(fl.active) >= MAX_DEPTH:
+        raise ValueError(f"{shown}: nested deeper than {MAX_DEPTH} levels")
+    seen = fl.tsubs.get(id(t))
+    if seen is not None:
+        return {"tk": "tsub", "name": seen, "same": 1}  # a tie: the very object stored there
+    kind = type(t)
+    if len(fl.tsubs) and path in fl.tsubs.values():
+        raise ValueError(f"{shown}: another tensor is already stored as {path!r} (keys joined with '.' "
+                         "collide); rename one of the keys")
+    ref = _types.reference(kind, shown)
+    try:
+        names, ctx = t.__tensor_flatten__()
+        inner = {}
+        for name in names:
+            if type(name) is not str or not name or name in inner:
+                raise TypeError(f"__tensor_flatten__ named {name!r}, not a distinct attribute name")
+            inner[name] = getattr(t, name)
+        size, stride, dtype, grad = list(t.size()), list(t.stride()), t.dtype, t.requires_grad
+        param = isinstance(t, _Parameter)
+    except RecursionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the subclass's own code fails in many ways
+        raise TypeError(f"{shown}: tensor subclass {_type_path(kind)} cannot be taken apart "
+                        f"({type(e).__name__}: {_one_line(e)}), so it cannot be saved in safetensors format") from None
+    for name, v in inner.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"{shown}.{name}: tensor subclass {_type_path(kind)} names an inner tensor that is "
+                            f"a {_type_name(v)}, so it cannot be saved in safetensors format")
+    depth = len(fl.active)  # containers and subclasses being walked: the context nests below them
+    fl.tsubs[id(t)] = path
+    fl.keep_alive.append(t)  # its id stays unique while flattening
+    fl.active.add(id(t))  # a subclass holding itself as an inner tensor is a cycle
+    try:
+        node: Dict[str, Any] = {"tk": "tsub", "name": path, "cls": ref}
+        node["inner"] = {name: fl.tensor(_join(path, name), f"{shown}.{name}", v) for name, v in inner.items()}
+        node["ctx"] = fl.value(_join(path, "ctx"), f"{shown} (flatten context)", ctx, depth + 1)
+    finally:
+        fl.active.discard(id(t))
+    node.update(size=size, stride=stride, dtype=_types.dtype_name(dtype))
+    if param:
+        node["param"] = 1
+    if grad:
+        node["grad"] = 1
+    return node
+
+
+def _build_tsub(b: "_Builder", node: Dict[str, Any], depth: int) -> torch.Tensor:
+    """A traceable subclass from its node: the class resolved through the allowlist first,
+    then its inner tensors and context, then ``cls.__tensor_unflatten__``."""
+    name = node.get("name")
+    if type(name) is not str:
+        raise _bad("a tensor subclass node has no name")
+    if "same" in node:
+        if node.get("same") != 1 or set(node) != {"tk", "name", "same"}:
+            raise _bad(f"tensor subclass {name[:80]!r}: a tie has other fields")
+        out = b.tsubs.get(name)
+        if out is None:
+            raise _bad(f"a tie refers to tensor subclass {name[:80]!r}, which is not built before it")
+        return out
+    if name in b.tsubs:
+        raise _bad(f"two tensor subclass nodes are named {name[:80]!r}")
+    missing = {"cls", "inner", "ctx", "size", "stride", "dtype"} - set(node)
+    if missing:
+        raise _bad(f"tensor subclass {name[:80]!r} lacks {sorted(missing)}")
+    size = b.shape(node["size"], "a tensor subclass's size")
+    stride = b.shape(node["stride"], "a tensor subclass's stride")
+    if len(stride) != len(size):
+        raise _bad("a tensor subclass's stride and size differ in length")
+    dtype = _types.lookup(_types._DTYPES, node["dtype"], "dtype", _bad)
+    inner = node["inner"]
+    if type(inner) is not dict or any(type(v) is not dict or ("t" not in v and "tk" not in v) for v in inner.values()):
+        raise _bad(f"tensor subclass {name[:80]!r}: its inner tensors are not a JSON object of tensors")
+    for flag in ("param", "grad"):
+        if flag in node and node[flag] != 1:
+            raise _bad(f"tensor subclass {name[:80]!r}: flag {flag!r} is not 1")
+    if b.checking:  # verify: the node's own fields and tensors, nothing of its class
+        if type(node["cls"]) is not str:
+            raise _bad(f"tensor subclass {name[:80]!r}: its class is not a reference")
+        for v in inner.values():
+            b.tensor(v, depth + 1)
+        b.tsubs[name] = out = torch.empty_strided(size, stride, dtype=dtype, device="meta")
+        return out
+    cls = b.allow.resolve(node["cls"], "tensor subclass")  # before anything of it is built
+    full = f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', '?')}"
+    if not (isinstance(cls, type) and issubclass(cls, torch.Tensor) and _is_traceable(cls)):
+        raise _bad(f"{full} is not a tensor subclass with __tensor_unflatten__")
+    tensors = {k: b.tensor(v, depth + 1) for k, v in inner.items()}
+    ctx = b.build(node["ctx"], depth + 1)
+    try:
+        out = cls.__tensor_unflatten__(tensors, ctx, torch.Size(size), tuple(stride))
+        with torch._C.DisableTorchFunctionSubclass():
+            if not isinstance(out, cls) or list(out.size()) != size or out.dtype != dtype:
+                raise _bad(f"{full}.__tensor_unflatten__ did not give back a {full} of size {size} and dtype "
+                           f"{dtype}")
+            if node.get("param") == 1:
+                out = _Parameter(out, requires_grad=node.get("grad") == 1)
+            elif node.get("grad") == 1:
+                out = out.requires_grad_(True)
+    except SafetensorError:
+        raise
+    except RecursionError:
+        raise _bad(f"rebuilding {full} recursed too deeply") from None
+    except Exception as e:  # noqa: BLE001 - an allowed class refusing what the file holds
+        raise _bad(f"rebuilding {full} failed: {type(e).__name__}: {_one_line(e)}") from None
+    b.tsubs[name] = out
+    return out
 
 
 # ---- unflatten ----
@@ -557,6 +742,7 @@ _KIND_FIELDS = {
     "sparse_compressed": {"layout", "size", "compressed", "plain", "values"},
     "complex": {"data"},
     "sub": {"cls", "data", "state"},
+    "tsub": {"name", "same", "cls", "inner", "ctx", "size", "stride", "dtype", "param", "grad"},
 }
 
 
@@ -568,6 +754,8 @@ class _Builder:
         self.allow = _types.Allowlist(trusted=trusted, bad=_bad)
         self.budget = budget
         self.spent = spent
+        self.tsubs: Dict[str, Any] = {}  # traceable subclasses rebuilt, by their node's name
+        self.checking = False  # verify: validate, never resolve a class nor run its code
 
     def charge(self, nbytes: int) -> None:
         self.spent += nbytes
@@ -655,6 +843,8 @@ class _Builder:
             if data.dtype not in (torch.float64, torch.float32, torch.float16) or data.dim() == 0 or data.shape[-1] != 2:
                 raise _bad("a complex tensor's data is not (real, imag) pairs")
             return torch.view_as_complex(data if data.stride(-1) == 1 else data.contiguous())
+        if tk == "tsub":
+            return _build_tsub(self, node, depth)
         if tk == "sub":
             cls = self.allow.resolve(node.get("cls"), "tensor subclass")
             if not (isinstance(cls, type) and issubclass(cls, torch.Tensor)):
@@ -1015,7 +1205,8 @@ _TAGS: Dict[str, Any] = dict(
 
 
 def unflatten(
-    tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]], *, trusted: bool = False
+    tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]], *, trusted: bool = False,
+    check: bool = False,
 ) -> Any:
     """Rebuilds what flatten split, from a file's tensors and metadata.
 
@@ -1026,6 +1217,8 @@ def unflatten(
         metadata: the file's ``__metadata__``.
         trusted: the caller passed ``weights_only=False``: classes and functions the
             file names are imported and rebuilt without the allowlist.
+        check: validate only (``verify``): tensor subclasses are checked, never resolved
+            nor rebuilt, and come back as meta tensors of their outer size.
 
     Raises:
         SafetensorError: the structure metadata is malformed, refers to a tensor that the
@@ -1043,7 +1236,9 @@ def unflatten(
     root = doc.pop("root")
     del doc
     try:
-        return _Builder(tensors, version=version, trusted=trusted, budget=budget, spent=spent).build(root, 0)
+        builder = _Builder(tensors, version=version, trusted=trusted, budget=budget, spent=spent)
+        builder.checking = check
+        return builder.build(root, 0)
     except RecursionError:
         raise _bad("nested too deeply") from None
 

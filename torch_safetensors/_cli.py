@@ -309,7 +309,7 @@ def _check_structure(reader: "_C.Reader") -> None:
     """Validates a whole-checkpoint structure key, building meta tensors only (no data read)."""
     meta = reader.metadata() or {}
     if _checkpoint.STRUCTURE_KEY in meta:
-        _checkpoint.unflatten(_torch._read_tensors(reader, "meta"), meta)
+        _checkpoint.unflatten(_torch._read_tensors(reader, "meta"), meta, check=True)
 
 
 def aliases(metadata: Dict[str, str], names: Sequence[str],
