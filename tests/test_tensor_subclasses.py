@@ -487,3 +487,16 @@ def test_a_refused_subclass_falls_back_to_pickle_when_asked(tmp_path):
         assert type(got) is DispatchOnly and torch.equal(got.elem, torch.arange(3.0))
     finally:
         _default._format, _default._fallback = saved
+
+
+@pytest.mark.parametrize("make", [lambda: torch._to_functional_tensor(torch.ones(3)), lambda: row_scaled(),
+                                  lambda: DispatchOnly(torch.ones(3))])
+def test_the_flat_api_refuses_tensors_without_data(tmp_path, make):
+    """save_file / save hold plain tensors only: one without storage of its own is a
+    TypeError naming it (was a segfault in the writer), and nothing is written."""
+    target = tmp_path / "flat.safetensors"
+    with pytest.raises(TypeError, match="'y'"):
+        ts.save_file({"x": torch.ones(2), "y": make()}, target)
+    with pytest.raises(TypeError, match="'y'"):
+        ts.save({"x": torch.ones(2), "y": make()})
+    assert os.listdir(tmp_path) == []
