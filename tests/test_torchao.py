@@ -172,6 +172,11 @@ TRAIN = textwrap.dedent(
         loss.backward()
         opt.step()
 
+    if phase == "first" and out != "-":  # the uninterrupted run, for reference
+        m, opt = setup()
+        for i in range(6):
+            step(m, opt, i)
+        torch.save([p.detach() for p in m.parameters()], out)
     m, opt = setup()
     start = 0
     if phase == "resume":
@@ -179,7 +184,7 @@ TRAIN = textwrap.dedent(
         m.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optim"])
         start = ck["step"]
-    for i in range(start, 3 if phase == "first" else 6):
+    for i in range(start, 3 if phase == "first" else 6):  # the loop, unchanged by the format
         step(m, opt, i)
     if phase == "first":
         torch.save({"model": m.state_dict(), "optim": opt.state_dict(), "step": 3}, ckpt)
@@ -207,11 +212,10 @@ def _train(tmp_path, opt_name, phase, ckpt, out, fmt):
 @pytest.mark.parametrize("opt_name, state_cls", [("AdamW8bit", "OptimState8bit"), ("AdamW4bit", "OptimState4bit")])
 def test_low_bit_optimizer_resumes_bit_exact(tmp_path, opt_name, state_cls):
     full = tmp_path / "full.pt"
-    _train(tmp_path, opt_name, "full", "-", full, None)
     finals = {}
     for fmt in ("safetensors", None):
         ckpt = tmp_path / f"ckpt-{fmt}.pt"  # the loop's own name: the format comes from the environment
-        out = _train(tmp_path, opt_name, "first", ckpt, "-", fmt)
+        out = _train(tmp_path, opt_name, "first", ckpt, full if fmt else "-", fmt)
         assert f"'{state_cls}'" in out
         head = ckpt.read_bytes()[:2]
         assert (head != b"PK") if fmt else (head == b"PK")
