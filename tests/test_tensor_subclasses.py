@@ -500,3 +500,15 @@ def test_the_flat_api_refuses_tensors_without_data(tmp_path, make):
     with pytest.raises(TypeError, match="'y'"):
         ts.save({"x": torch.ones(2), "y": make()})
     assert os.listdir(tmp_path) == []
+
+
+def test_inspect_shows_the_subclass_and_its_inner_tensors(tmp_path):
+    p = tmp_path / "s.safetensors"
+    w = row_scaled()
+    torch.save({"a": w, "b": w}, p, format="safetensors")
+    out = _cli("inspect", str(p))
+    assert out.returncode == 0, out.stderr
+    lines = [line.strip() for line in out.stdout.splitlines()]
+    assert f"a: tensor subclass {__name__}.RowScaled float32 [4, 6]" in lines
+    assert "codes: tensor I8 [4, 6]  (a.codes)" in lines
+    assert "b: tensor subclass, the same object as a" in lines

@@ -700,6 +700,28 @@ def _build_tsub(b: "_Builder", node: Dict[str, Any], depth: int) -> torch.Tensor
     return out
 
 
+def _describe_tsub(node: Dict[str, Any], tensor: Any) -> Dict[str, Any]:
+    """A tensor subclass node for ``describe``: its class, outer dtype and size, inner tensors."""
+    out: Dict[str, Any] = {"type": "tensor", "kind": "tsub"}
+    if "same" in node:
+        out["same_as"] = str(node.get("name"))
+        return out
+    out.update({"class": str(node.get("cls")).replace(":", "."), "dtype": node.get("dtype"),
+                "size": node.get("size")})
+    inner = node.get("inner")
+    if isinstance(inner, dict):
+        out["inner"] = {str(k): tensor(v) if isinstance(v, dict) else {"type": "invalid"} for k, v in inner.items()}
+    return out
+
+
+def _brief_tsub(node: Dict[str, Any]) -> str:
+    if "same_as" in node:
+        return f"tensor subclass, the same object as {node['same_as']}"
+    size = node.get("size")
+    shape = "[" + ", ".join(map(str, size)) + "]" if isinstance(size, list) else "[?]"
+    return f"tensor subclass {node.get('class')} {node.get('dtype')} {shape}"
+
+
 # ---- unflatten ----
 
 
@@ -1311,6 +1333,8 @@ def describe(text: str, tensors: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     refs: Dict[str, List[str]] = {}
 
     def tensor(node: Dict[str, Any], where: str) -> Dict[str, Any]:
+        if node.get("tk") == "tsub":
+            return _describe_tsub(node, lambda inner: tensor(inner, where))
         if "tk" in node:
             out: Dict[str, Any] = {"type": "tensor", "kind": str(node.get("tk"))}
             for k, v in node.items():
@@ -1391,6 +1415,8 @@ def tree_lines(tree: Dict[str, Any], *, limit: int = 2000) -> List[str]:
 
     def brief(node: Dict[str, Any]) -> str:
         kind = node.get("type")
+        if kind == "tensor" and node.get("kind") == "tsub":
+            return _brief_tsub(node)
         if kind == "tensor":
             if "name" in node:
                 shape = "[" + ", ".join(map(str, node.get("shape") or [])) + "]"
@@ -1427,6 +1453,8 @@ def tree_lines(tree: Dict[str, Any], *, limit: int = 2000) -> List[str]:
         for field in ("dict", "kwargs"):
             for item in node.get(field, []):
                 emit(str(item["key"]), item["value"], indent + 1)
+        for k, v in (node.get("inner") or {}).items() if node.get("kind") == "tsub" else ():
+            emit(k, v, indent + 1)
         if node.get("type") == "tensor" and "name" not in node:
             for k, v in node.items():
                 if isinstance(v, dict) and v.get("type") == "tensor":
