@@ -512,3 +512,37 @@ def test_inspect_shows_the_subclass_and_its_inner_tensors(tmp_path):
     assert f"a: tensor subclass {__name__}.RowScaled float32 [4, 6]" in lines
     assert "codes: tensor I8 [4, 6]  (a.codes)" in lines
     assert "b: tensor subclass, the same object as a" in lines
+
+
+# ---- the documentation's examples run as printed ----
+
+DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "tensor-subclasses.md")
+
+
+def _doc_blocks():
+    import re
+
+    with open(DOC, encoding="utf-8") as f:
+        return re.findall(r"^```python\n(.*?)^```$", f.read(), flags=re.S | re.M)
+
+
+def _torchao_importable():
+    import importlib.util
+
+    return importlib.util.find_spec("torchao") is not None
+
+
+@pytest.mark.parametrize("index", range(len(_doc_blocks())))
+def test_doc_examples_run_as_printed(tmp_path, index):
+    code = _doc_blocks()[index]
+    if "torchao" in code and not _torchao_importable():
+        pytest.skip("the example needs torchao, which is not installed (pip install --no-deps torchao)")
+    env = dict(os.environ)
+    env.pop("TORCH_SAFETENSORS_FORMAT", None)
+    env.pop("TORCH_SAFETENSORS_FALLBACK", None)
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    r = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip(), "every example prints what it shows"
