@@ -546,3 +546,51 @@ def test_doc_examples_run_as_printed(tmp_path, index):
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip(), "every example prints what it shows"
+
+
+# ---- the schema for verify's validator (wired in as its kind_tsub) ----
+
+
+class _StubValidator:
+    """The structure validator's interface, as _validate_tsub uses it."""
+
+    def __init__(self, tensors):
+        self.tensors, self.classes, self.visited = tensors, {}, []
+
+    def bad(self, path, msg):
+        return ts.SafetensorError(f"at {path}: {msg}")
+
+    def sizes(self, value, path, what):
+        if type(value) is not list or any(type(n) is not int or n < 0 for n in value):
+            raise self.bad(path, f"{what} is not a list of sizes")
+        return tuple(value)
+
+    def tensor(self, node, path, depth):
+        if type(node) is not dict or node.get("t") not in self.tensors:
+            raise self.bad(path, "not a tensor")
+        self.visited.append(path)
+
+    def node(self, node, path, depth):
+        self.visited.append(path)
+
+
+def test_the_schema_check_resolves_nothing_and_refuses_bad_nodes(tmp_path):
+    p = tmp_path / "s.safetensors"
+    w = row_scaled()
+    torch.save({"a": w, "b": w}, p, format="safetensors")
+    doc, keys = _structure(p)
+    a, b = doc["root"]["d"]["a"], doc["root"]["d"]["b"]
+    v = _StubValidator(set(keys))
+    assert _checkpoint._validate_tsub(v, a, "a", 1) == ("tsub", torch.float32, (4, 6))
+    assert _checkpoint._validate_tsub(v, b, "b", 1) == ("tsub", torch.float32, (4, 6))
+    assert v.classes == {f"{__name__}.RowScaled": None} and v.visited == ["a.codes", "a.scale", "a.ctx"]
+    for bad, fragment in [
+        (dict(a, name="c", cls="os:system()"), "not 'module:qualname'"),
+        (dict(a, name="c", inner={"codes": {"t": "missing"}}), "not a tensor"),
+        (dict(a, name="c", stride=[1]), "differ in length"),
+        (dict(a, name="c", dtype="int4x"), "unknown dtype"),
+        (dict(a), "two tensor subclass nodes"),
+        ({"tk": "tsub", "name": "later", "same": 1}, "not built before it"),
+    ]:
+        with pytest.raises(ts.SafetensorError, match=fragment.replace("(", r"\(")):
+            _checkpoint._validate_tsub(v, bad, "x", 1)

@@ -700,6 +700,48 @@ def _build_tsub(b: "_Builder", node: Dict[str, Any], depth: int) -> torch.Tensor
     return out
 
 
+def _validate_tsub(v: Any, node: Dict[str, Any], path: str, depth: int) -> Any:
+    """The schema of a "tsub" node for the structure validator (``kind_tsub`` of verify's
+    validator, which every load runs first): its fields, inner tensors and context checked
+    as nodes, a tie only to a subclass node before it. Resolves and imports nothing; the
+    class is reported in ``v.classes``. Returns what the node builds (an ``_Info``)."""
+    seen: Dict[str, Any] = v.__dict__.setdefault("tsubs", {})  # node name -> (dtype, size)
+    info = globals().get("_Info", lambda *a: a)
+    name = node.get("name")
+    if type(name) is not str:
+        raise v.bad(path, "a tensor subclass node has no name")
+    if "same" in node:
+        if node.get("same") != 1 or set(node) != {"tk", "name", "same"}:
+            raise v.bad(path, f"tensor subclass {name[:80]!r}: a tie has other fields")
+        if name not in seen:
+            raise v.bad(path, f"a tie refers to tensor subclass {name[:80]!r}, which is not built before it")
+        return info("tsub", *seen[name])
+    if name in seen:
+        raise v.bad(path, f"two tensor subclass nodes are named {name[:80]!r}")
+    missing = {"cls", "inner", "ctx", "size", "stride", "dtype"} - set(node)
+    if missing:
+        raise v.bad(path, f"tensor subclass {name[:80]!r} lacks {sorted(missing)}")
+    size = v.sizes(node["size"], path, "a tensor subclass's size")
+    if len(v.sizes(node["stride"], path, "a tensor subclass's stride")) != len(size):
+        raise v.bad(path, "a tensor subclass's stride and size differ in length")
+    dtype = _types.lookup(_types._DTYPES, node["dtype"], "dtype", lambda msg: v.bad(path, msg))
+    cls = node["cls"]
+    if type(cls) is not str or cls.count(":") != 1 or not all(_types._REF.match(p) for p in cls.split(":")):
+        raise v.bad(path, "a tensor subclass reference is not 'module:qualname'")
+    v.classes[cls.replace(":", ".")] = None
+    inner = node["inner"]
+    if type(inner) is not dict:
+        raise v.bad(path, f"tensor subclass {name[:80]!r}: its inner tensors are not a JSON object of tensors")
+    for flag in ("param", "grad"):
+        if flag in node and node[flag] != 1:
+            raise v.bad(path, f"tensor subclass {name[:80]!r}: flag {flag!r} is not 1")
+    for k, sub in inner.items():
+        v.tensor(sub, _join(path, k), depth + 1)
+    v.node(node["ctx"], _join(path, "ctx"), depth + 1)
+    seen[name] = (dtype, tuple(size))
+    return info("tsub", dtype, tuple(size))
+
+
 def _describe_tsub(node: Dict[str, Any], tensor: Any) -> Dict[str, Any]:
     """A tensor subclass node for ``describe``: its class, outer dtype and size, inner tensors."""
     out: Dict[str, Any] = {"type": "tensor", "kind": "tsub"}
