@@ -594,3 +594,14 @@ def test_the_schema_check_resolves_nothing_and_refuses_bad_nodes(tmp_path):
     ]:
         with pytest.raises(ts.SafetensorError, match=fragment.replace("(", r"\(")):
             _checkpoint._validate_tsub(v, bad, "x", 1)
+
+
+def test_a_jagged_nested_tensor_stays_a_nested_row_not_a_subclass_node(tmp_path):
+    """torch's jagged NestedTensor implements the flatten protocol too, but its sizes are
+    symbolic: it is stored as its parts, as a strided nested tensor is."""
+    p = tmp_path / "n.safetensors"
+    nt = torch.nested.nested_tensor([torch.arange(3.0), torch.arange(5.0)], layout=torch.jagged)
+    torch.save({"n": nt}, p, format="safetensors")
+    assert _structure(p)[0]["root"]["d"]["n"]["tk"] == "nested"
+    got = torch.load(p)["n"]
+    assert got.layout is torch.jagged and [x.tolist() for x in got.unbind()] == [[0, 1, 2], [0, 1, 2, 3, 4]]

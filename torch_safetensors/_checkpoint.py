@@ -211,7 +211,7 @@ class _Flattener:
         if not path:
             path = "tensor"
             self.needs_structure = True  # a bare tensor must come back as a tensor
-        if type(t) is not torch.Tensor and type(t) is not _Parameter:
+        if type(t) is not torch.Tensor and type(t) is not _Parameter and type(t) is not _JAGGED:
             return _subclass_node(self, path, shown, t)
         flags: Dict[str, Any] = {}
         if type(t) is _Parameter:
@@ -532,6 +532,12 @@ def explain(obj: Any) -> None:
 # that overrides __torch_dispatch__ has no data of its own to store and is refused; any
 # other is the "sub" row (its storage, class and __dict__), read with __torch_function__
 # disabled so that none of its overrides runs while saving.
+
+
+try:  # a jagged nested tensor is a traceable subclass, stored as its parts (the "nested" row)
+    from torch.nested._internal.nested_tensor import NestedTensor as _JAGGED
+except ImportError:  # pragma: no cover - older torch
+    _JAGGED = None
 
 
 def _type_path(kind: type) -> str:
