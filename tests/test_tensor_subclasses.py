@@ -605,3 +605,8 @@ def test_a_jagged_nested_tensor_stays_a_nested_row_not_a_subclass_node(tmp_path)
     assert _structure(p)[0]["root"]["d"]["n"]["tk"] == "nested"
     got = torch.load(p)["n"]
     assert got.layout is torch.jagged and [x.tolist() for x in got.unbind()] == [[0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_flat_and_sharded_files_refuse_a_subclass_pointing_at_torch_save(tmp_path):
+    with pytest.raises(TypeError, match=r"w: tensor subclass .*RowScaled .*torch.save\(obj, f, format='safetensors'\)"):
+        ts.save_sharded({"w": row_scaled(), "b": torch.ones(2)}, tmp_path / "shards")

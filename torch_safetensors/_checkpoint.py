@@ -90,6 +90,8 @@ def _tensor_problem(path: str, t: torch.Tensor) -> Optional[TypeError]:
         if problem is not None:
             return problem
         name = f"{kind.__module__}.{kind.__qualname__}"
+        if _is_traceable(kind):
+            return _flat_refusal(path, name)
         return TypeError(f"{path}: tensor subclass {name} cannot be saved in a flat safetensors file; "
                          "convert it with .as_subclass(torch.Tensor) if its data is all that matters")
     if t.is_nested:
@@ -555,6 +557,12 @@ def _no_data(path: str, t: torch.Tensor) -> Optional[TypeError]:
         return None
     return TypeError(f"{path or 'the object'}: {what} has no data of its own to save in safetensors "
                      "format; save real tensors, outside the transform")
+
+
+def _flat_refusal(path: str, name: str) -> TypeError:
+    return TypeError(f"{path}: tensor subclass {name} cannot be saved in a flat safetensors file, which holds "
+                     "plain tensors; save it with torch.save(obj, f, format='safetensors'), which stores its "
+                     "inner tensors and rebuilds it on load")
 
 
 def _is_traceable(kind: type) -> bool:
