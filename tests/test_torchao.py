@@ -30,6 +30,17 @@ with warnings.catch_warnings():
     import torchao.optim  # noqa: E402
 
 STRUCTURE = _checkpoint.STRUCTURE_KEY
+# what importing torchao allowlisted, seen before any test runs: another test may clear
+# torch's safe globals (tests/test_checkpoint_types.py does), and torchao registers only once
+REGISTERED_ON_IMPORT = [g for g in torch.serialization.get_safe_globals()
+                        if not isinstance(g, tuple) and (getattr(g, "__module__", "") or "").startswith("torchao")]
+
+
+@pytest.fixture(autouse=True)
+def _torchao_allowlisted():
+    with torch.serialization.safe_globals(REGISTERED_ON_IMPORT):
+        yield
+
 CONFIGS = {
     "int8_weight_only": (Int8WeightOnlyConfig, "Int8Tensor", {"qdata": torch.int8, "scale": torch.float32}),
     "int8_dynamic_activation_int8_weight": (Int8DynamicActivationInt8WeightConfig, "Int8Tensor",
@@ -121,8 +132,7 @@ REGISTERED = [
 
 
 def test_torchao_registers_the_classes_it_needs():
-    allowed = {f"{g.__module__}.{g.__qualname__}" for g in torch.serialization.get_safe_globals()
-               if not isinstance(g, tuple)}
+    allowed = {f"{g.__module__}.{g.__qualname__}" for g in REGISTERED_ON_IMPORT}
     missing = [n for n in REGISTERED if n not in allowed]
     assert not missing, missing
 
