@@ -504,7 +504,8 @@ def split(obj: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, str], bool]:
     """
     if _C.plain_flat(obj) and all(
         t.layout is torch.strided and t.dtype in _STORABLE_DTYPES and t.device.type != "meta"
-        and not t.is_nested and not t.is_quantized and _no_data("", t) is None for t in obj.values()
+        and not t.is_nested and not t.is_quantized and not _functional(t) and not _func_wrapped(t)
+        for t in obj.values()
     ):
         return obj, {}, True
     tensors, meta = flatten(obj)
@@ -542,6 +543,10 @@ except ImportError:  # pragma: no cover - older torch
     _JAGGED = None
 
 
+_functional = torch._is_functional_tensor
+_func_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
 def _type_path(kind: type) -> str:
     return f"{kind.__module__}.{kind.__qualname__}"
 
@@ -549,9 +554,9 @@ def _type_path(kind: type) -> str:
 def _no_data(path: str, t: torch.Tensor) -> Optional[TypeError]:
     """A tensor of a plain type whose data lives elsewhere: a functionalized tensor, or a
     torch.func (grad, vmap) wrapper, seen while tracing. Either has no bytes to store."""
-    if torch._is_functional_tensor(t):
+    if _functional(t):
         what = "a functionalized tensor (torch.func.functionalize or torch.compile tracing)"
-    elif torch._C._functorch.is_functorch_wrapped_tensor(t):
+    elif _func_wrapped(t):
         what = "a torch.func wrapper (inside grad, vjp, jvp or vmap)"
     else:
         return None
