@@ -686,7 +686,7 @@ def _build_tsub(b: "_Builder", node: Dict[str, Any], depth: int) -> torch.Tensor
     for flag in ("param", "grad"):
         if flag in node and node[flag] != 1:
             raise _bad(f"tensor subclass {name[:80]!r}: flag {flag!r} is not 1")
-    if b.checking:  # verify: the node's own fields and tensors, nothing of its class
+    if getattr(b, "checking", False):  # verify: the node's own fields and tensors, nothing of its class
         if type(node["cls"]) is not str:
             raise _bad(f"tensor subclass {name[:80]!r}: its class is not a reference")
         for v in inner.values():
