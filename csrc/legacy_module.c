@@ -65,11 +65,90 @@ static PyObject *legacy_dtype_names(PyObject *self, PyObject *unused)
 
 typedef struct {
     int fd;
+    PyObject *fobj;       /* a seekable file object instead of fd (borrowed), or NULL */
+    int readinto;         /* fobj has readinto: bytes go straight into their memory */
     uint64_t size;
     uint8_t *buf;
     uint64_t start;
     size_t len;
 } window;
+
+/* errno of a read whose Python exception is already set (a file object raised) */
+#define EPYERR ECANCELED
+
+/* n bytes at off from a file object: seek, then readinto (or read) until done. With the
+ * GIL. Returns 0, or -1 with errno (ENODATA: it ended first; EPYERR: it raised). */
+static int fobj_pread(const window *w, void *buf, size_t n, uint64_t off)
+{
+    PyObject *r = PyObject_CallMethod(w->fobj, "seek", "K", (unsigned long long)off);
+    size_t got = 0;
+    if (!r)
+        goto pyerr;
+    Py_DECREF(r);
+    while (got < n) {
+        size_t want = n - got < ((size_t)1 << 30) ? n - got : ((size_t)1 << 30);
+        Py_ssize_t k;
+        if (w->readinto) {
+            PyObject *mv = PyMemoryView_FromMemory((char *)buf + got, (Py_ssize_t)want, PyBUF_WRITE);
+            if (!mv)
+                goto pyerr;
+            r = PyObject_CallMethod(w->fobj, "readinto", "O", mv);
+            /* the file object must not keep writing into our memory after the call */
+            Py_XDECREF(PyObject_CallMethod(mv, "release", NULL));
+            Py_DECREF(mv);
+            if (!r)
+                goto pyerr;
+            k = r == Py_None ? -1 : PyLong_AsSsize_t(r);
+        } else {
+            char *data;
+            r = PyObject_CallMethod(w->fobj, "read", "n", (Py_ssize_t)want);
+            if (!r)
+                goto pyerr;
+            if (PyBytes_AsStringAndSize(r, &data, &k) < 0) {
+                Py_DECREF(r);
+                goto pyerr;
+            }
+            if ((size_t)k <= want)
+                memcpy((char *)buf + got, data, (size_t)k);
+        }
+        Py_DECREF(r);
+        if (k == -1 && PyErr_Occurred())
+            goto pyerr;
+        if (k < 0 || (size_t)k > want) {
+            PyErr_SetString(PyExc_OSError, "the file object's read returned more than asked for, "
+                                           "or no bytes of a blocking read");
+            goto pyerr;
+        }
+        if (k == 0) {
+            errno = ENODATA;
+            return -1;
+        }
+        got += (size_t)k;
+    }
+    return 0;
+pyerr:
+    errno = EPYERR;
+    return -1;
+}
+
+/* n bytes at off from the source: fd (the caller decides about the GIL) or file object
+ * (with the GIL). 0, or -1 with errno. */
+static int src_pread(const window *w, void *buf, size_t n, uint64_t off)
+{
+    return w->fobj ? fobj_pread(w, buf, n, off) : st_pread_all(w->fd, buf, n, off);
+}
+
+/* src_pread from code holding the GIL: released around a descriptor's read */
+static int src_read_gil(const window *w, void *buf, size_t n, uint64_t off)
+{
+    int rc;
+    if (w->fobj)
+        return fobj_pread(w, buf, n, off);
+    Py_BEGIN_ALLOW_THREADS
+    rc = st_pread_all(w->fd, buf, n, off);
+    Py_END_ALLOW_THREADS
+    return rc;
+}
 
 /* Points *out at n bytes at off. A miss refills the window from off: all of it when more
  * small reads follow nearby (readahead), else just the n bytes (a header before a large
@@ -87,7 +166,7 @@ static int win_read(window *w, uint64_t off, size_t n, int readahead, const uint
         return -1;
     }
     want = readahead ? (size_t)(w->size - off < WINDOW ? w->size - off : WINDOW) : n;
-    if (st_pread_all(w->fd, w->buf, want, off) != 0)
+    if (src_pread(w, w->buf, want, off) != 0)
         return -1;
     w->start = off;
     w->len = want;
@@ -300,6 +379,8 @@ static void blob_release(void *data, void *ctx)
 
 static PyObject *raise_errno_fd(int e)
 {
+    if (e == EPYERR && PyErr_Occurred())
+        return NULL; /* a file object raised: its exception stands */
     if (e == ENODATA) {
         PyErr_SetString(PyExc_RuntimeError,
                         "the checkpoint is shorter than its zip directory says: it was "
@@ -348,9 +429,7 @@ static int read_archive(load_state *st, int default_little)
         PyErr_NoMemory();
         return -1;
     }
-    Py_BEGIN_ALLOW_THREADS
-    rc = st_pread_all(st->fd, st->tail, tail_len, st->size - tail_len);
-    Py_END_ALLOW_THREADS
+    rc = src_read_gil(&st->win, st->tail, tail_len, st->size - tail_len);
     if (rc != 0) {
         raise_errno_fd(errno);
         return -1;
@@ -362,9 +441,7 @@ static int read_archive(load_state *st, int default_little)
         PyErr_NoMemory();
         return -1;
     }
-    Py_BEGIN_ALLOW_THREADS
-    rc = st_pread_all(st->fd, st->cd, (size_t)dir.cd_size, dir.cd_offset);
-    Py_END_ALLOW_THREADS
+    rc = src_read_gil(&st->win, st->cd, (size_t)dir.cd_size, dir.cd_offset);
     if (rc != 0) {
         raise_errno_fd(errno);
         return -1;
@@ -512,9 +589,7 @@ static int read_archive(load_state *st, int default_little)
             return -1;
         }
         st->pkl = st->owned;
-        Py_BEGIN_ALLOW_THREADS
-        rc = st_pread_all(st->fd, st->owned, st->pkl_len, off);
-        Py_END_ALLOW_THREADS
+        rc = src_read_gil(&st->win, st->owned, st->pkl_len, off);
         if (rc != 0) {
             raise_errno_fd(errno);
             return -1;
@@ -556,9 +631,7 @@ static int read_legacy(load_state *st)
             return -1;
         }
         st->owned = buf;
-        Py_BEGIN_ALLOW_THREADS
-        rc = st_pread_all(st->fd, buf, n, 0);
-        Py_END_ALLOW_THREADS
+        rc = src_read_gil(&st->win, buf, n, 0);
         if (rc != 0) {
             raise_errno_fd(errno);
             return -1;
@@ -813,6 +886,28 @@ static int check_records(load_state *st, PyObject *cpu_ok)
     return 0;
 }
 
+/* Copies each slot's record into dst[i] (from the mapping, the window or the source).
+ * Returns 0 or an errno. */
+static int fill_storages(load_state *st, void **dst)
+{
+    for (size_t i = 0; i < st->n_slots; i++) {
+        slot *s = &st->slots[i];
+        const uint8_t *src;
+        if (!dst[i])
+            continue;
+        if (st->blob) {
+            memcpy(dst[i], st->blob->base + s->data_off, (size_t)s->nbytes);
+        } else if (s->nbytes <= WINDOW / 4) {
+            if (win_get(&st->win, s->data_off, (size_t)s->nbytes, &src) != 0)
+                return errno;
+            memcpy(dst[i], src, (size_t)s->nbytes);
+        } else if (src_pread(&st->win, dst[i], (size_t)s->nbytes, s->data_off) != 0) {
+            return errno;
+        }
+    }
+    return 0;
+}
+
 /* Creates one base tensor per storage and one handle per tensor node. 0, 1, -1. */
 static int build_tensors(load_state *st)
 {
@@ -901,25 +996,15 @@ static int build_tensors(load_state *st)
             FALLBACK("torch could not create a storage");
         }
     }
-    /* fill the owned storages without the GIL */
-    Py_BEGIN_ALLOW_THREADS
-    for (size_t i = 0; i < st->n_slots && !sys_errno; i++) {
-        slot *s = &st->slots[i];
-        const uint8_t *src;
-        if (!dst[i])
-            continue;
-        if (st->blob) {
-            memcpy(dst[i], st->blob->base + s->data_off, (size_t)s->nbytes);
-        } else if (s->nbytes <= WINDOW / 4) {
-            if (win_get(&st->win, s->data_off, (size_t)s->nbytes, &src) != 0)
-                sys_errno = errno;
-            else
-                memcpy(dst[i], src, (size_t)s->nbytes);
-        } else if (st_pread_all(st->fd, dst[i], (size_t)s->nbytes, s->data_off) != 0) {
-            sys_errno = errno;
-        }
+    /* fill the owned storages: without the GIL from a descriptor; a file object's
+     * reads need it (each record is read into its tensor's own memory) */
+    if (st->win.fobj) {
+        sys_errno = fill_storages(st, dst);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        sys_errno = fill_storages(st, dst);
+        Py_END_ALLOW_THREADS
     }
-    Py_END_ALLOW_THREADS
     free(dst);
     if (sys_errno) {
         raise_errno_fd(sys_errno);
@@ -1195,32 +1280,20 @@ static void state_free(load_state *st)
     sp_plan_free(&st->keys_plan);
 }
 
-/* legacy_load(fd, mmap, cpu_ok, default_little, unaligned=False) -> ("ok", obj),
- * ("fallback", reason, records_checked) or ("refuse", message) */
-static PyObject *legacy_load(PyObject *self, PyObject *args)
+/* Reads the checkpoint st's source holds (size, window set). ("ok", obj),
+ * ("fallback", reason, records_checked), ("refuse", message) or NULL. */
+static PyObject *load_common(load_state *st_, PyObject *cpu_ok, int default_little)
 {
-    load_state st;
-    int default_little, rc;
-    PyObject *cpu_ok, *result = NULL;
-    (void)self;
-    memset(&st, 0, sizeof(st));
-    if (!PyArg_ParseTuple(args, "ipOp|p:legacy_load", &st.fd, &st.use_mmap, &cpu_ok,
-                          &default_little, &st.unaligned))
-        return NULL;
-    if (!odict_type || !st_aten.ready) {
-        PyErr_SetString(PyExc_RuntimeError, "legacy_init was not called or ATen is missing");
-        return NULL;
-    }
-    if (st_fd_size(st.fd, &st.size) != 0)
-        return PyErr_SetFromErrno(PyExc_OSError);
-    st.win.fd = st.fd;
+    load_state st = *st_;
+    int rc;
+    PyObject *result = NULL;
     st.win.size = st.size;
     st.win.buf = malloc(WINDOW);
     if (!st.win.buf)
         return PyErr_NoMemory();
     {
         uint8_t head[4] = {0};
-        if (st.size >= 4 && st_pread_all(st.fd, head, 4, 0) != 0) {
+        if (st.size >= 4 && src_read_gil(&st.win, head, 4, 0) != 0) {
             raise_errno_fd(errno);
             rc = -1;
         } else {
@@ -1269,6 +1342,60 @@ static PyObject *legacy_load(PyObject *self, PyObject *args)
                                st.records_checked ? Py_True : Py_False);
     state_free(&st);
     return result;
+}
+
+/* legacy_load(fd, mmap, cpu_ok, default_little, unaligned=False) -> ("ok", obj),
+ * ("fallback", reason, records_checked) or ("refuse", message) */
+static PyObject *legacy_load(PyObject *self, PyObject *args)
+{
+    load_state st;
+    int default_little;
+    PyObject *cpu_ok;
+    (void)self;
+    memset(&st, 0, sizeof(st));
+    if (!PyArg_ParseTuple(args, "ipOp|p:legacy_load", &st.fd, &st.use_mmap, &cpu_ok,
+                          &default_little, &st.unaligned))
+        return NULL;
+    if (!odict_type || !st_aten.ready) {
+        PyErr_SetString(PyExc_RuntimeError, "legacy_init was not called or ATen is missing");
+        return NULL;
+    }
+    if (st_fd_size(st.fd, &st.size) != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    st.win.fd = st.fd;
+    return load_common(&st, cpu_ok, default_little);
+}
+
+/* legacy_load_fileobj(f, size, cpu_ok, default_little): legacy_load over a seekable
+ * file object whose checkpoint starts at offset 0 and holds size bytes; never mapped */
+static PyObject *legacy_load_fileobj(PyObject *self, PyObject *args)
+{
+    load_state st;
+    int default_little, has;
+    unsigned long long size;
+    PyObject *cpu_ok, *f;
+    (void)self;
+    memset(&st, 0, sizeof(st));
+    if (!PyArg_ParseTuple(args, "OKOp:legacy_load_fileobj", &f, &size, &cpu_ok, &default_little))
+        return NULL;
+    if (!odict_type || !st_aten.ready) {
+        PyErr_SetString(PyExc_RuntimeError, "legacy_init was not called or ATen is missing");
+        return NULL;
+    }
+    {
+        PyObject *m = PyObject_GetAttrString(f, "readinto");
+        if (!m && !PyErr_ExceptionMatches(PyExc_AttributeError))
+            return NULL;
+        PyErr_Clear();
+        has = m != NULL;
+        Py_XDECREF(m);
+    }
+    st.fd = -1;
+    st.size = size;
+    st.win.fd = -1;
+    st.win.fobj = f;
+    st.win.readinto = has;
+    return load_common(&st, cpu_ok, default_little);
 }
 
 /* legacy_zip_records(fd) -> ([(name, method, comp_size, size, data_offset), ...] in
@@ -1378,6 +1505,9 @@ static PyMethodDef legacy_methods[] = {
     {"legacy_load", legacy_load, METH_VARARGS,
      "legacy_load(fd, mmap, cpu_ok, default_little, unaligned=False) -> ('ok', obj), "
      "('fallback', reason, records_checked) or ('refuse', message)."},
+    {"legacy_load_fileobj", legacy_load_fileobj, METH_VARARGS,
+     "legacy_load_fileobj(f, size, cpu_ok, default_little) -> as legacy_load, from a seekable "
+     "file object (never mapped)."},
     {"legacy_zip_records", legacy_zip_records, METH_VARARGS,
      "legacy_zip_records(fd) -> ([(name, method, comp_size, size, data_offset)], lookup order) or None."},
     {NULL, NULL, 0, NULL},

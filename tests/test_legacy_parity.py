@@ -300,3 +300,99 @@ def test_records_equal_but_for_case_read_as_torch_picks(tmp_path, order):
         assert _legacy.last_fallback is None
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     agree(path)
+
+
+# ---- 3: file objects through the C reader (_legacy.load_fileobj, for the lead's loader) ----
+
+
+def _bound(**kw):
+    import inspect
+
+    return inspect.signature(torch.load).bind(None, weights_only=True, **kw)
+
+
+class MinimalReader:
+    """read/seek/tell only (no readinto), recording every read size."""
+
+    def __init__(self, data):
+        self.f = __import__("io").BytesIO(data)
+        self.reads = []
+
+    def read(self, n=-1):
+        self.reads.append(n)
+        return self.f.read(n)
+
+    def seek(self, off, whence=0):
+        return self.f.seek(off, whence)
+
+    def tell(self):
+        return self.f.tell()
+
+
+def _via_fileobj(f, **kw):
+    from gen_pickle import same  # noqa: F401
+
+    def torch_load():
+        return plain(f, **kw)
+
+    return _legacy.load_fileobj(f, _bound(**kw), torch_load)
+
+
+@pytest.mark.parametrize("zipped", [True, False])
+@pytest.mark.parametrize("kind", ["bytesio", "file", "minimal"])
+def test_file_objects_read_by_the_c_reader(tmp_path, zipped, kind):
+    import io
+
+    from gen_pickle import same
+
+    torch.manual_seed(0)
+    base = torch.randn(300, 50)
+    obj = {"w": base, "row": base[3], "t": base.t(), "big": torch.randn(2_000_000),
+           "p": torch.nn.Parameter(torch.ones(3)), "n": [1, "x", None], "h": torch.arange(5).half()}
+    path = tmp_path / "c.pt"
+    torch.save(obj, path, format="pickle", _use_new_zipfile_serialization=zipped)
+    data = path.read_bytes()
+    f = {"bytesio": lambda: io.BytesIO(data), "file": lambda: open(path, "rb"),
+         "minimal": lambda: MinimalReader(data)}[kind]()
+    got = _via_fileobj(f)
+    assert _legacy.last_fallback is None, _legacy.last_fallback
+    same(plain(io.BytesIO(data)), got)
+    if kind == "minimal":
+        # never the whole stream at once: reads of at most the 1 MiB window or one record
+        # (straight into the tensor's memory where the object has readinto)
+        assert max(f.reads) <= 2_000_000 * 4 < len(data)
+        assert sorted(f.reads)[-2] <= 1 << 20
+
+
+def test_file_object_fallback_puts_it_back_at_its_start(tmp_path):
+    import io
+
+    p = Pickle().op(b"}").str("x").glob("builtins", "set").tuple(0).op(b"R").op(b"s")  # outside the subset
+    data = zip_bytes(torch_records(b"archive/", p.stop(), []))
+    f = io.BytesIO(data)
+    got = _via_fileobj(f)  # torch reads it from the start again
+    assert _legacy.last_fallback is not None
+    assert got == plain(io.BytesIO(data)) == {"x": set()}
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(GEN)) if os.path.isdir(GEN) else [])
+def test_file_objects_agree_on_the_findings(name):
+    import io
+
+    from gen_pickle import same
+
+    data = open(os.path.join(GEN, name), "rb").read()
+    for ml in (None, "cpu"):
+        try:
+            want = ("ok", plain(io.BytesIO(data), map_location=ml))
+        except Exception as e:  # noqa: BLE001
+            want = ("error", type(e))
+        try:
+            got = ("ok", _via_fileobj(io.BytesIO(data), map_location=ml))
+        except Exception as e:  # noqa: BLE001
+            got = ("error", type(e))
+        assert want[0] == got[0], (want, got)
+        if want[0] == "ok":
+            same(want[1], got[1])
+        else:
+            assert want[1] is got[1]

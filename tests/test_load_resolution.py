@@ -161,3 +161,29 @@ def test_safetensors_api_on_a_legacy_file_says_what_it_is(files):
     # a damaged safetensors file keeps the rule it breaks
     with pytest.raises(ts.SafetensorError, match="data bytes"):
         ts.load_file(files["truncated"])
+
+
+def test_map_location_on_streams_reads_data_values_on_the_cpu():
+    """numpy values and bytes are data, not storages: from a BytesIO or a pipe they come
+    back whole whatever map_location says, as from a path."""
+    np = pytest.importorskip("numpy")
+    ckpt = {"rng": np.random.RandomState(0).get_state(), "blob": b"x" * 5000,
+            "w": torch.ones(3), "n": np.arange(4)}
+    buf = io.BytesIO()
+    torch.save(ckpt, buf, format="safetensors")
+    data = buf.getvalue()
+
+    class Pipe:
+        def __init__(self, d):
+            self._b = io.BytesIO(d)
+
+        def read(self, n=-1):
+            return self._b.read(n)
+
+    for ml in ("meta", {"cpu": "meta"}, lambda s, loc: s, None):
+        for f in (io.BytesIO(data), Pipe(data)):
+            out = torch.load(f, map_location=ml)
+            assert out["blob"] == ckpt["blob"]
+            assert (out["n"] == ckpt["n"]).all() and out["n"].dtype == ckpt["n"].dtype
+            assert out["rng"][0] == ckpt["rng"][0] and (out["rng"][1] == ckpt["rng"][1]).all()
+            assert out["w"].device.type == ("meta" if ml in ("meta", {"cpu": "meta"}) else "cpu")

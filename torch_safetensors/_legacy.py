@@ -19,6 +19,7 @@ torch's loader is used when:
 """
 from __future__ import annotations
 
+import gc
 import io
 import mmap as _mmap
 import os
@@ -31,7 +32,7 @@ import torch.serialization as _ser
 
 from . import _C
 
-__all__ = ["load_path", "load_for_convert", "last_fallback"]
+__all__ = ["load_path", "load_fileobj", "load_for_convert", "last_fallback"]
 
 _C.legacy_init(
     OrderedDict,
@@ -135,7 +136,7 @@ def load_path(fd: int, bound: Any, torch_load: Callable[[], Any]) -> Any:
     if why is None:
         test = _cpu_test(a.get("map_location"))
         assert test is not None  # _why_torch ruled callables out
-        out = _C.legacy_load(fd, use_mmap, test, _default_little())
+        out = _load_no_gc(fd, use_mmap, test)
         if out[0] == "ok":
             last_fallback = None
             return out[1]
@@ -162,6 +163,85 @@ def _meta(map_location: Any) -> bool:
         return False
 
 
+def _load_no_gc(fd: int, use_mmap: bool, cpu_ok: Callable[[str], bool], unaligned: bool = False) -> tuple:
+    """_C.legacy_load with Python's cyclic GC paused: building thousands of tensors would
+    otherwise run collections over every object in the process (after ``import torch``, a
+    full one takes ~0.1 s), none of which can free what is being built."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        return _C.legacy_load(fd, use_mmap, cpu_ok, _default_little(), unaligned)
+    finally:
+        if was:
+            gc.enable()
+
+
+def load_fileobj(f: Any, bound: Any, torch_load: Callable[[], Any]) -> Any:
+    """Loads the legacy checkpoint in a seekable file object with the C reader, or with
+    torch_load (the same rules as :func:`load_path`).
+
+    The zip directory is read through ``seek``/``read`` (``readinto`` when there is one),
+    each storage record straight into its tensor's memory: the stream is never copied
+    whole. torch's loader reads the file instead when the object is not at its start,
+    cannot seek, or ``mmap=True`` is asked (torch refuses that for file objects); the
+    object is put back at its start first.
+
+    Args:
+        f: a file object with ``read``, ``seek`` and ``tell`` (io.BytesIO, an open file,
+            a tar member, ...).
+        bound: torch.load's bound arguments.
+        torch_load: calls torch's own loader on f with weights_only=True (or as the
+            caller explicitly asked).
+
+    Returns:
+        What ``torch.load(f, weights_only=True)`` returns for the file.
+
+    Raises:
+        Whatever torch raises for files it refuses, and what the file object raises.
+    """
+    global last_fallback
+    a = bound.arguments
+    use_mmap = _mmap_wanted(a.get("mmap"))
+    why = _why_torch(a, use_mmap)
+    start: Optional[int] = None
+    if why is None and use_mmap:
+        why = "mmap=True with a file object"
+    if why is None:
+        try:
+            start = f.tell()
+            end = f.seek(0, io.SEEK_END)
+            size = f.tell() if end is None else end
+            f.seek(start)
+        except Exception:  # noqa: BLE001 - torch decides what such an object is
+            why, start = "a file object that cannot seek", None
+    if why is None and start != 0:
+        why = "a file object not at its start"
+    if why is None:
+        head = f.read(512)
+        f.seek(0)
+        if not isinstance(head, bytes) or (head[:4] != _ZIP_MAGIC and not (head.startswith(_LEGACY_MAGIC)
+                                                                       and not _is_tar(head))):
+            why = "neither a zip nor a pre-1.6 checkpoint"
+    if why is None:
+        test = _cpu_test(a.get("map_location"))
+        assert test is not None  # _why_torch ruled callables out
+        was = gc.isenabled()
+        gc.disable()
+        try:
+            out = _C.legacy_load_fileobj(f, size, test, _default_little())
+        finally:
+            if was:
+                gc.enable()
+        if out[0] == "ok":
+            last_fallback = None
+            return out[1]
+        why = out[1]
+    last_fallback = why
+    if start is not None:
+        f.seek(start)
+    return torch_load()
+
+
 def load_for_convert(fd: int) -> Optional[tuple]:
     """Reads the legacy checkpoint open at fd with the C reader for ``convert``: every
     storage a view of one private mapping, with no element alignment needed (the writer
@@ -181,7 +261,7 @@ def load_for_convert(fd: int) -> Optional[tuple]:
     global last_fallback
     why = _torch_state_allows()
     if why is None:
-        out = _C.legacy_load(fd, True, lambda loc: True, _default_little(), True)
+        out = _load_no_gc(fd, True, lambda loc: True, True)
         if out[0] == "ok":
             last_fallback = None
             return (out[1],)
@@ -238,22 +318,25 @@ def _claimed_storage_bytes(data_pkl: bytes, map_location: Any = None) -> Dict[st
     key's first reference decides its dtype and size; later ones reuse it."""
     from torch import _weights_only_unpickler as wou
 
-    claims: Dict[str, int] = {}
+    claims: Dict[Any, int] = {}
     loaded: Dict[Any, Any] = {}
 
     def persistent_load(saved_id: Any) -> Any:
         typename, storage_type, key, _location, numel = saved_id
         if typename not in ("storage", b"storage"):
             raise pickle.UnpicklingError(f"unknown persistent id {typename!r}")
-        if key in loaded:  # torch maps every key once (an empty slice is kept too)
+        if key in loaded:  # torch maps every key once (an empty slice of the mapping too)
             return loaded[key]
         dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
         nbytes = int(numel) * torch._utils._element_size(dtype)
-        if nbytes and not _to_meta(map_location, _location):  # else no byte is used
-            claims[str(key)] = nbytes
+        to_meta = _to_meta(map_location, _location)
+        if nbytes and not to_meta:  # else no byte is used
+            claims[key] = nbytes
         meta = torch.UntypedStorage(nbytes, device="meta")
-        loaded[key] = torch.storage.TypedStorage(wrap_storage=meta, dtype=dtype, _internal=True)
-        return loaded[key]
+        typed = torch.storage.TypedStorage(wrap_storage=meta, dtype=dtype, _internal=True)
+        if not to_meta:  # torch keeps a storage whose data pointer is not null: a mapped one
+            loaded[key] = typed
+        return typed
 
     unpickler = wou.Unpickler(io.BytesIO(data_pkl), encoding="utf-8")
     unpickler.persistent_load = persistent_load  # type: ignore[attr-defined]
@@ -261,8 +344,7 @@ def _claimed_storage_bytes(data_pkl: bytes, map_location: Any = None) -> Dict[st
     used = _storages_used(result)
     if used is None:
         return claims
-    return {str(k): n for k, n in claims.items()
-            if str(k) in claims and loaded[k]._untyped_storage._cdata in used}
+    return {str(k): n for k, n in claims.items() if k in loaded and loaded[k]._untyped_storage._cdata in used}
 
 
 def _storages_used(obj: Any) -> Optional[set]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import os
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -145,16 +145,36 @@ def load_safetensors(src: _source.Source, a: Args) -> Any:
         raise _source.named(src.name, e) from None
 
 
+def _data_names(metadata: Optional[Dict[str, str]], entries: List[Any]) -> Set[str]:
+    """The stored tensors a structure reads as data (bytes, numpy values), which are
+    read on the CPU wherever map_location puts the tensors."""
+    text = (metadata or {}).get(_checkpoint.STRUCTURE_KEY)
+    if text is None:
+        return set()
+    held = {name: (dtype, shape, end - begin) for name, dtype, shape, begin, end in entries}
+    return set(_checkpoint.validate(text, held)["data"])
+
+
 def _from_stream(f: Any, size: Optional[int], a: Args) -> Any:
+    data: Set[str] = set()
+
+    def on_cpu(metadata: Optional[Dict[str, str]], entries: List[Any]) -> Set[str]:
+        data.update(_data_names(metadata, entries))
+        return data
+
     device, fn = location_target(a.map_location)
     if fn is not None:
-        tensors, metadata = _stream.load(f, size=size)
+        tensors, metadata = _stream.load(f, size=size, on_cpu=on_cpu)
+        cpu = {n: tensors[n] for n in data}
         tensors = apply_callable(fn, tensors)
     else:
         where, dev = _core.resolve_device(device)
-        tensors, metadata = _stream.load(f, size=size, device=where)
+        tensors, metadata = _stream.load(f, size=size, device=where, on_cpu=on_cpu)
+        cpu = {n: tensors[n] for n in data}
         tensors = _core.move(tensors, dev)
-    return _checkpoint.unflatten(tensors, metadata, trusted=a.trusted)
+        if where == "meta":
+            tensors = {n: t.to("meta") for n, t in tensors.items()}
+    return _checkpoint.unflatten(tensors, metadata, trusted=a.trusted, source=cpu.__getitem__)
 
 
 def load_fileobj_safetensors(src: _source.Source, a: Args) -> Any:
@@ -238,10 +258,17 @@ def load_legacy(src: _source.Source, a: Args) -> Any:
 
 
 def load_fileobj(src: _source.Source, a: Args) -> Any:
-    """A seekable file object that is not safetensors: torch's loader (weights_only)."""
+    """A seekable file object that is not safetensors: our C legacy reader first, reading
+    through seek/readinto (``_legacy.load_fileobj``), torch's weights_only loader for the
+    rest. An object whose first bytes could not be read goes to torch, which says why."""
     if a.format == "safetensors":
         return _strict(src, a)
-    return _legacy.torch_load(src.f, a.bound, src.head or None)
+    fallback = lambda: _legacy.torch_load(src.f, a.bound, src.head or None)  # noqa: E731
+    if not src.head or (_source.is_pre16(src.head) and not callable(getattr(src.f, "readline", None))):
+        # (torch reads a pre-1.6 file with pickle, which needs readline: without it
+        # torch refuses the object, and so do we, in its words)
+        return fallback()
+    return _legacy.load_fileobj(src.f, a.bound, fallback)
 
 
 def _strict(src: _source.Source, a: Args) -> Any:

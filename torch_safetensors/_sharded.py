@@ -675,7 +675,9 @@ def load_sharded(
     raise AssertionError("unreachable")
 
 
-_ATTEMPTS = 3
+# each retry follows a save that completed during the attempt (the snapshot changed), so
+# retrying is progress, never a spin: a busy machine with two savers needed more than 3
+_ATTEMPTS = 10
 
 
 def _snapshot(path: FILE_PATH) -> Any:

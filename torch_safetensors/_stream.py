@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import errno
 import io
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 
@@ -206,8 +206,9 @@ def _shape(dtype_name: str, shape: Tuple[int, ...], name: str) -> List[int]:
     return tshape
 
 
-def load(f: Any, *, size: Optional[int] = None,
-         device: str = "cpu") -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, str]]]:
+def load(f: Any, *, size: Optional[int] = None, device: str = "cpu",
+         on_cpu: Optional[Callable[[Optional[Dict[str, str]], List[Any]], Set[str]]] = None,
+         ) -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, str]]]:
     """Reads one safetensors file from a binary stream positioned at its start.
 
     Each tensor is allocated once and filled with ``readinto``; nothing else of the
@@ -218,6 +219,9 @@ def load(f: Any, *, size: Optional[int] = None,
         size: the bytes from the position to the end, when known (a seekable stream):
             the header is then checked against it before anything is allocated.
         device: ``"cpu"``, or ``"meta"`` to skip the data.
+        on_cpu: called with the metadata and the header's entries before any data is
+            read; the names it returns are read on the CPU even when device is
+            ``"meta"`` (values that are data, not tensors).
 
     Returns:
         (tensors in file order, header metadata or None).
@@ -228,8 +232,10 @@ def load(f: Any, *, size: Optional[int] = None,
         OSError: the stream fails.
     """
     data_len, entries, metadata, _ = _header(f, size)
+    keep = on_cpu(metadata, entries) if on_cpu is not None else set()
     tensors: Dict[str, torch.Tensor] = {}
     expect = 0
+    at = 0  # meta: the data bytes read or skipped so far
     for name, dtype_name, shape, begin, end in entries:
         dtype = _core.DTYPES.get(dtype_name)
         if dtype is None:
@@ -241,9 +247,12 @@ def load(f: Any, *, size: Optional[int] = None,
         assert begin == expect  # the engine checked: in file order, no holes
         expect = end
         tshape = _shape(dtype_name, shape, name)
-        if device == "meta":
+        if device == "meta" and name not in keep:
             tensors[name] = torch.empty(tshape, dtype=dtype, device="meta")
             continue
+        if device == "meta":
+            _skip(f, begin - at)
+            at = end
         try:
             t = torch.empty(tshape, dtype=dtype)
         except (RuntimeError, MemoryError) as e:  # the allocator refused a claimed size
@@ -256,7 +265,7 @@ def load(f: Any, *, size: Optional[int] = None,
             _fill(f, memoryview(span), f"tensor {name!r}", name)
         tensors[name] = t
     if device == "meta":
-        _skip(f, data_len)
+        _skip(f, data_len - at)
     return tensors, metadata
 
 
