@@ -385,6 +385,14 @@ static int describe(save_item *it, PyObject *name, PyObject *tensor)
             st_py_raise_aten(PyExc_TypeError, "cannot read the data", name);
             return -1;
         }
+        if (!p) {
+            /* a functionalized tensor or a wrapper subclass: no storage of its own */
+            PyErr_Format(PyExc_TypeError,
+                         "tensor %R has no data of its own to save (a functionalized tensor, "
+                         "or a tensor subclass without storage)",
+                         name);
+            return -1;
+        }
         /* the memory the tensor spans, for overlap checks */
         int64_t lo = 0, hi = 0;
         for (int64_t d = 0; d < it->ndim; d++) {

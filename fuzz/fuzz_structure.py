@@ -69,12 +69,19 @@ def _seeds():
              "m": torch.empty(2, device="meta"), "c": torch.ones(2, dtype=torch.complex128),
              "n": torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])},
             {"cfg": Cfg(0.1), "mode": Mode.A, "cls": Cfg, "dt": torch.bfloat16, "dev": torch.device("cpu")},
+            _traceable(),
         ]
     seeds = []
     for obj in objs:
         tensors, meta = _checkpoint.flatten(obj)
         seeds.append((tensors, json.loads(meta[_checkpoint.STRUCTURE_KEY])))
     return seeds
+
+
+def _traceable():
+    """The "tsub" row: a traceable subclass (the property test's), tied, beside its inner tensor."""
+    w = _invariant.scaled(2, 3, 0)
+    return {"w": w, "tie": w, "bf": _invariant.scaled(1, 2, 1, torch.bfloat16), "codes": w.codes}
 
 
 _LEAVES = [None, True, 0, -1, 2**80, 1e308, -0.0, "", "w", "os:system", f"{__name__}:Cfg", "float32",
@@ -210,7 +217,7 @@ def main() -> int:
     end = time.monotonic() + args.seconds
     runs = outcomes = 0
     slowest = 0.0
-    with torch.serialization.safe_globals([Cfg, Mode]):
+    with torch.serialization.safe_globals([Cfg, Mode, _invariant.Scaled]):
         while time.monotonic() < end:
             tensors, doc = rng.choice(seeds)
             mutated = _mutate(rng, doc, pool)

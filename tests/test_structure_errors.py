@@ -91,13 +91,16 @@ def test_jagged_nested_tensors_are_stored(tmp_path, capsys):
 
 
 class _Stubborn(torch.Tensor):
-    """A subclass whose every operation raises NotImplementedError (as some do)."""
+    """A traceable subclass (the "tsub" row) whose flatten raises NotImplementedError, as
+    some do. (A __torch_function__ subclass whose overrides all raise is no refusal any
+    more: its storage is saved with the overrides disabled, see test_tensor_subclasses.)"""
+
+    def __tensor_flatten__(self):
+        raise NotImplementedError("__tensor_flatten__ is not supported")
 
     @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if func is torch.Tensor.__reduce_ex__ or getattr(func, "__name__", "") in ("__get__", "__reduce_ex__"):
-            return super().__torch_function__(func, types, args, kwargs or {})
-        raise NotImplementedError(f"{getattr(func, '__name__', func)} is not supported")
+    def __tensor_unflatten__(cls, inner, ctx, outer_size, outer_stride):
+        raise NotImplementedError("__tensor_unflatten__ is not supported")
 
 
 def test_every_refusal_is_a_type_error_naming_the_path(tmp_path):

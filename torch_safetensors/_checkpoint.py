@@ -96,6 +96,8 @@ def _tensor_problem(path: str, t: torch.Tensor) -> Optional[TypeError]:
         if problem is not None:
             return problem
         name = f"{kind.__module__}.{kind.__qualname__}"
+        if _is_traceable(kind):
+            return _flat_refusal(path, name)
         return TypeError(f"{path}: tensor subclass {name} cannot be saved in a flat safetensors file; "
                          "convert it with .as_subclass(torch.Tensor) if its data is all that matters")
     if t.is_nested:
@@ -124,6 +126,10 @@ def _tensor_problem(path: str, t: torch.Tensor) -> Optional[TypeError]:
 def _unstorable(path: str, t: torch.Tensor) -> Optional[TypeError]:
     """A clear error for tensors that cannot be stored even as components."""
     kind = type(t)
+    if kind is torch.Tensor or kind is _Parameter:
+        problem = _no_data(path, t)
+        if problem is not None:
+            return problem
     if kind is not torch.Tensor and kind is not _Parameter:
         name = f"{kind.__module__}.{kind.__qualname__}"
         if "DTensor" in kind.__name__:
@@ -192,6 +198,7 @@ class _Flattener:
         self.active: set = set()  # ids of containers being walked: cycles are refused
         self.needs_structure = False
         self.kind_nodes: Dict[int, Dict[str, Any]] = {}  # id of a tensor stored as a kind -> its node
+        self.tsubs: Dict[int, str] = {}  # traceable subclass objects: id -> their node's name
 
     # -- tensors --
 
@@ -213,6 +220,8 @@ class _Flattener:
         if not path:
             path = "tensor"
             self.needs_structure = True  # a bare tensor must come back as a tensor
+        if type(t) is not torch.Tensor and type(t) is not _Parameter and type(t) is not _JAGGED:
+            return _subclass_node(self, path, shown, t)
         flags: Dict[str, Any] = {}
         if type(t) is _Parameter:
             flags["p"] = 1
@@ -220,8 +229,6 @@ class _Flattener:
             flags["g"] = 1
         if flags:
             self.needs_structure = True
-        if type(t) not in (torch.Tensor, _Parameter) and not t.is_nested:  # jagged ones are a subclass
-            return self.subclass(path, shown, t, flags)
         plain = (
             t.layout is torch.strided and not t.is_nested and not t.is_quantized
             and t.device.type != "meta" and t.dtype in _STORABLE_DTYPES
@@ -534,7 +541,8 @@ def split(obj: Any) -> Tuple[Dict[str, torch.Tensor], Dict[str, str], bool]:
     """
     if _C.plain_flat(obj) and all(
         t.layout is torch.strided and t.dtype in _STORABLE_DTYPES and t.device.type != "meta"
-        and not t.is_nested and not t.is_quantized for t in obj.values()
+        and not t.is_nested and not t.is_quantized and not _functional(t) and not _func_wrapped(t)
+        for t in obj.values()
     ):
         return obj, {}, True
     tensors, meta = flatten(obj)
@@ -550,6 +558,263 @@ def explain(obj: Any) -> None:
                 problem = _tensor_problem(str(k), v)
                 if problem is not None:
                     raise problem
+
+
+# ---- tensor subclasses ----
+#
+# A subclass that implements __tensor_flatten__ / __tensor_unflatten__ (torchao's quantized
+# and optimizer-state tensors, and any user class following the protocol) is stored as its
+# inner tensors, plain named tensors under "<name>.<attribute>", plus one "tsub" node: the
+# class reference, the flatten context as a value of the type table, the outer size, stride
+# and dtype. Loading resolves the class through the allowlist before anything else and
+# calls __tensor_unflatten__. A subclass object that appears under several names is one
+# node ("same" references it); inner tensors tie like any tensor. Other subclasses: one
+# that overrides __torch_dispatch__ has no data of its own to store and is refused; any
+# other is the "sub" row (its storage, class and __dict__), read with __torch_function__
+# disabled so that none of its overrides runs while saving.
+
+
+try:  # a jagged nested tensor is a traceable subclass, stored as its parts (the "nested" row)
+    from torch.nested._internal.nested_tensor import NestedTensor as _JAGGED
+except ImportError:  # pragma: no cover - older torch
+    _JAGGED = None
+
+
+_functional = torch._is_functional_tensor
+_func_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+
+
+def _type_path(kind: type) -> str:
+    return f"{kind.__module__}.{kind.__qualname__}"
+
+
+def _no_data(path: str, t: torch.Tensor) -> Optional[TypeError]:
+    """A tensor of a plain type whose data lives elsewhere: a functionalized tensor, or a
+    torch.func (grad, vmap) wrapper, seen while tracing. Either has no bytes to store."""
+    if _functional(t):
+        what = "a functionalized tensor (torch.func.functionalize or torch.compile tracing)"
+    elif _func_wrapped(t):
+        what = "a torch.func wrapper (inside grad, vjp, jvp or vmap)"
+    else:
+        return None
+    return TypeError(f"{path or 'the object'}: {what} has no data of its own to save in safetensors "
+                     "format; save real tensors, outside the transform")
+
+
+def _flat_refusal(path: str, name: str) -> TypeError:
+    return TypeError(f"{path}: tensor subclass {name} cannot be saved in a flat safetensors file, which holds "
+                     "plain tensors; save it with torch.save(obj, f, format='safetensors'), which stores its "
+                     "inner tensors and rebuilds it on load")
+
+
+def _is_traceable(kind: type) -> bool:
+    """Whether a tensor subclass implements the flatten protocol (as torch's
+    is_traceable_wrapper_subclass decides it)."""
+    return callable(getattr(kind, "__tensor_flatten__", None)) and callable(getattr(kind, "__tensor_unflatten__", None))
+
+
+def _python_dispatch(t: torch.Tensor) -> bool:
+    """Whether t's operations go to a __torch_dispatch__ (wrapper subclasses and the like)."""
+    return torch._C._dispatch_keys(t).has(torch._C.DispatchKey.Python)
+
+
+def _subclass_node(fl: "_Flattener", path: str, shown: str, t: torch.Tensor) -> Any:
+    """The node of a tensor whose type is a subclass of torch.Tensor (Parameter aside).
+
+    Raises:
+        TypeError: naming the path, for a subclass that cannot be stored, one whose
+            protocol methods fail, or one that recursed without end.
+    """
+    kind = type(t)
+    try:
+        with torch._C.DisableTorchFunctionSubclass():
+            if _is_traceable(kind):
+                return _flatten_tsub(fl, path, shown, t)
+            if _python_dispatch(t):
+                raise TypeError(
+                    f"{shown}: tensor subclass {_type_path(kind)} overrides __torch_dispatch__ without "
+                    "__tensor_flatten__/__tensor_unflatten__, so its values are made by its code rather than "
+                    "held in its storage, and cannot be saved in safetensors format; implement the "
+                    "flatten protocol, or save plain tensors"
+                )
+            flags: Dict[str, Any] = {"g": 1} if t.requires_grad else {}
+            return fl.subclass(path, shown, t, flags)
+    except RecursionError:
+        raise TypeError(f"{shown}: tensor subclass {_type_path(kind)} recursed without end while being taken "
+                        "apart; it cannot be saved in safetensors format") from None
+
+
+def _flatten_tsub(fl: "_Flattener", path: str, shown: str, t: torch.Tensor) -> Dict[str, Any]:
+    fl.needs_structure = True
+    if id(t) in fl.active:
+        raise ValueError(f"{shown}: the tensor subclass contains itself; cycles cannot be saved")
+    if len(fl.active) >= MAX_DEPTH:
+        raise ValueError(f"{shown}: nested deeper than {MAX_DEPTH} levels")
+    seen = fl.tsubs.get(id(t))
+    if seen is not None:
+        return {"tk": "tsub", "name": seen, "same": 1}  # a tie: the very object stored there
+    kind = type(t)
+    if len(fl.tsubs) and path in fl.tsubs.values():
+        raise ValueError(f"{shown}: another tensor is already stored as {path!r} (keys joined with '.' "
+                         "collide); rename one of the keys")
+    ref = _types.reference(kind, shown)
+    try:
+        names, ctx = t.__tensor_flatten__()
+        inner = {}
+        for name in names:
+            if type(name) is not str or not name or name in inner:
+                raise TypeError(f"__tensor_flatten__ named {name!r}, not a distinct attribute name")
+            inner[name] = getattr(t, name)
+        size, stride, dtype, grad = list(t.size()), list(t.stride()), t.dtype, t.requires_grad
+        param = isinstance(t, _Parameter)
+    except RecursionError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the subclass's own code fails in many ways
+        raise TypeError(f"{shown}: tensor subclass {_type_path(kind)} cannot be taken apart "
+                        f"({type(e).__name__}: {_one_line(e)}), so it cannot be saved in safetensors format") from None
+    for name, v in inner.items():
+        if not isinstance(v, torch.Tensor):
+            raise TypeError(f"{shown}.{name}: tensor subclass {_type_path(kind)} names an inner tensor that is "
+                            f"a {_type_name(v)}, so it cannot be saved in safetensors format")
+    depth = len(fl.active)  # containers and subclasses being walked: the context nests below them
+    fl.tsubs[id(t)] = path
+    fl.keep_alive.append(t)  # its id stays unique while flattening
+    fl.active.add(id(t))  # a subclass holding itself as an inner tensor is a cycle
+    try:
+        node: Dict[str, Any] = {"tk": "tsub", "name": path, "cls": ref}
+        node["inner"] = {name: fl.tensor(_join(path, name), f"{shown}.{name}", v) for name, v in inner.items()}
+        node["ctx"] = fl.value(_join(path, "ctx"), f"{shown} (flatten context)", ctx, depth + 1)
+    finally:
+        fl.active.discard(id(t))
+    node.update(size=size, stride=stride, dtype=_types.dtype_name(dtype))
+    if param:
+        node["param"] = 1
+    if grad:
+        node["grad"] = 1
+    return node
+
+
+def _build_tsub(b: "_Builder", node: Dict[str, Any], depth: int) -> torch.Tensor:
+    """A traceable subclass from its node: the class resolved through the allowlist first,
+    then its inner tensors and context, then ``cls.__tensor_unflatten__``."""
+    name = node.get("name")
+    if type(name) is not str:
+        raise _bad("a tensor subclass node has no name")
+    if "same" in node:
+        if node.get("same") != 1 or set(node) != {"tk", "name", "same"}:
+            raise _bad(f"tensor subclass {name[:80]!r}: a tie has other fields")
+        out = b.tsubs.get(name)
+        if out is None:
+            raise _bad(f"a tie refers to tensor subclass {name[:80]!r}, which is not built before it")
+        return out
+    if name in b.tsubs:
+        raise _bad(f"two tensor subclass nodes are named {name[:80]!r}")
+    missing = {"cls", "inner", "ctx", "size", "stride", "dtype"} - set(node)
+    if missing:
+        raise _bad(f"tensor subclass {name[:80]!r} lacks {sorted(missing)}")
+    size = b.shape(node["size"], "a tensor subclass's size")
+    stride = b.shape(node["stride"], "a tensor subclass's stride")
+    if len(stride) != len(size):
+        raise _bad("a tensor subclass's stride and size differ in length")
+    dtype = _types.lookup(_types._DTYPES, node["dtype"], "dtype", _bad)
+    inner = node["inner"]
+    if type(inner) is not dict or any(type(v) is not dict or ("t" not in v and "tk" not in v) for v in inner.values()):
+        raise _bad(f"tensor subclass {name[:80]!r}: its inner tensors are not a JSON object of tensors")
+    for flag in ("param", "grad"):
+        if flag in node and (type(node[flag]) is not int or node[flag] != 1):
+            raise _bad(f"tensor subclass {name[:80]!r}: flag {flag!r} is not 1")
+    cls = b.allow.resolve(node["cls"], "tensor subclass")  # before anything of it is built
+    full = f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', '?')}"
+    if not (isinstance(cls, type) and issubclass(cls, torch.Tensor) and _is_traceable(cls)):
+        raise _bad(f"{full} is not a tensor subclass with __tensor_unflatten__")
+    tensors = {k: b.tensor(v, depth + 1) for k, v in inner.items()}
+    ctx = b.build(node["ctx"], depth + 1)
+    try:
+        out = cls.__tensor_unflatten__(tensors, ctx, torch.Size(size), tuple(stride))
+        with torch._C.DisableTorchFunctionSubclass():
+            if not isinstance(out, cls) or list(out.size()) != size or out.dtype != dtype:
+                raise _bad(f"{full}.__tensor_unflatten__ did not give back a {full} of size {size} and dtype "
+                           f"{dtype}")
+            if node.get("param") == 1:
+                out = _Parameter(out, requires_grad=node.get("grad") == 1)
+            elif node.get("grad") == 1:
+                out = out.requires_grad_(True)
+    except SafetensorError:
+        raise
+    except RecursionError:
+        raise _bad(f"rebuilding {full} recursed too deeply") from None
+    except Exception as e:  # noqa: BLE001 - an allowed class refusing what the file holds
+        raise _bad(f"rebuilding {full} failed: {type(e).__name__}: {_one_line(e)}") from None
+    b.tsubs[name] = out
+    return out
+
+
+def _validate_tsub(v: "_Validator", node: Dict[str, Any], path: str, depth: int) -> "_Info":
+    """The schema of a "tsub" node (``_Validator.kind_tsub``: verify, and every load before
+    building): its fields, inner tensors and context checked as nodes, a tie only to a
+    subclass node before it. Resolves and imports nothing; the class is reported in
+    ``v.classes``. Returns what the node builds."""
+    seen = v.tsubs  # node name -> (dtype, size)
+    info = _Info
+    name = node.get("name")
+    if type(name) is not str:
+        raise v.bad(path, "a tensor subclass node has no name")
+    if "same" in node:
+        if node.get("same") != 1 or set(node) != {"tk", "name", "same"}:
+            raise v.bad(path, f"tensor subclass {name[:80]!r}: a tie has other fields")
+        if name not in seen:
+            raise v.bad(path, f"a tie refers to tensor subclass {name[:80]!r}, which is not built before it")
+        return info("tsub", *seen[name])
+    if name in seen:
+        raise v.bad(path, f"two tensor subclass nodes are named {name[:80]!r}")
+    missing = {"cls", "inner", "ctx", "size", "stride", "dtype"} - set(node)
+    if missing:
+        raise v.bad(path, f"tensor subclass {name[:80]!r} lacks {sorted(missing)}")
+    size = v.sizes(node["size"], path, "a tensor subclass's size")
+    if len(v.sizes(node["stride"], path, "a tensor subclass's stride")) != len(size):
+        raise v.bad(path, "a tensor subclass's stride and size differ in length")
+    dtype = _types.lookup(_types._DTYPES, node["dtype"], "dtype", lambda msg: v.bad(path, msg))
+    cls = node["cls"]
+    if type(cls) is not str or not _REF_TEXT.match(cls):
+        raise v.bad(path, "a tensor subclass reference is not 'module:qualname'")
+    v.classes[cls.replace(":", ".")] = None
+    inner = node["inner"]
+    if type(inner) is not dict:
+        raise v.bad(path, f"tensor subclass {name[:80]!r}: its inner tensors are not a JSON object of tensors")
+    for flag in ("param", "grad"):
+        if flag in node and (type(node[flag]) is not int or node[flag] != 1):
+            raise v.bad(path, f"tensor subclass {name[:80]!r}: flag {flag!r} is not 1")
+    if node.get("grad") == 1 and not (dtype.is_floating_point or dtype.is_complex):
+        raise v.bad(path, f"tensor subclass {name[:80]!r} of dtype {dtype} cannot require grad")
+    if depth + 1 > MAX_DEPTH:
+        raise v.bad(path, f"nested deeper than {MAX_DEPTH} levels")
+    for k, sub in inner.items():
+        v.tensor(sub, _join(path, k), depth + 1)
+    v.node(node["ctx"], _join(path, "ctx"), depth + 1)
+    seen[name] = (dtype, tuple(size))
+    return info("tsub", dtype, tuple(size))
+
+
+def _describe_tsub(node: Dict[str, Any], tensor: Any) -> Dict[str, Any]:
+    """A tensor subclass node for ``describe``: its class, outer dtype and size, inner tensors."""
+    out: Dict[str, Any] = {"type": "tensor", "kind": "tsub"}
+    if "same" in node:
+        out["same_as"] = str(node.get("name"))
+        return out
+    out.update({"class": str(node.get("cls")).replace(":", "."), "dtype": node.get("dtype"),
+                "size": node.get("size")})
+    inner = node.get("inner")
+    if isinstance(inner, dict):
+        out["inner"] = {str(k): tensor(v) if isinstance(v, dict) else {"type": "invalid"} for k, v in inner.items()}
+    return out
+
+
+def _brief_tsub(node: Dict[str, Any]) -> str:
+    if "same_as" in node:
+        return f"tensor subclass, the same object as {node['same_as']}"
+    size = node.get("size")
+    shape = "[" + ", ".join(map(str, size)) + "]" if isinstance(size, list) else "[?]"
+    return f"tensor subclass {node.get('class')} {node.get('dtype')} {shape}"
 
 
 # ---- unflatten ----
@@ -594,6 +859,7 @@ _KIND_FIELDS = {
     "sparse_compressed": {"layout", "size", "compressed", "plain", "values"},
     "complex": {"data"},
     "sub": {"cls", "data", "state"},
+    "tsub": {"name", "same", "cls", "inner", "ctx", "size", "stride", "dtype", "param", "grad"},
 }
 
 
@@ -612,6 +878,7 @@ class _Builder:
         self.derived: Dict[Tuple[str, str, int], Any] = {}  # (tag, stored name, object number) -> value
         self.kinds: Dict[str, torch.Tensor] = {}  # a tk node's canonical text -> the tensor built
         self.checked: Dict[tuple, List[int]] = {}  # sparse indices torch has checked -> largest index
+        self.tsubs: Dict[str, Any] = {}  # traceable subclasses rebuilt, by their node's name
 
     def charge(self, nbytes: int) -> None:
         self.spent += nbytes
@@ -748,6 +1015,8 @@ class _Builder:
                 self.copied(data.numel() * data.element_size())
                 data = data.contiguous()
             return torch.view_as_complex(data)
+        if tk == "tsub":
+            return _build_tsub(self, node, depth)
         if tk == "sub":
             cls = self.allow.resolve(node.get("cls"), "tensor subclass")
             if not (isinstance(cls, type) and issubclass(cls, torch.Tensor)):
@@ -1298,6 +1567,7 @@ class _Validator:
         self.kinds: Dict[str, _Info] = {}  # a tk node's canonical text -> what it builds
         self.copied: set = set()  # (role, name, object number) whose copy is counted
         self.data: Dict[str, None] = {}  # stored tensors read as values that are data (bytes, numpy)
+        self.tsubs: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]] = {}  # tsub node name -> (dtype, size)
 
     def bad(self, path: str, msg: str) -> SafetensorError:
         return _bad(f"at {_where(path)}: {msg}")
@@ -1420,6 +1690,9 @@ class _Validator:
                 raise self.bad(_join(path, "state"), "a tensor subclass's state is not a dict")
             self.node(state, _join(path, "state"), depth + 1)
         return _Info("sub", data.dtype, data.shape)
+
+    def kind_tsub(self, node: Dict[str, Any], path: str, depth: int) -> _Info:
+        return _validate_tsub(self, node, path, depth)
 
     def kind_meta(self, node: Dict[str, Any], path: str, depth: int) -> _Info:
         dtype = _types._DTYPES.get(node.get("dtype")) if type(node.get("dtype")) is str else None
@@ -1932,6 +2205,8 @@ def describe(text: str, tensors: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     refs: Dict[str, List[str]] = {}
 
     def tensor(node: Dict[str, Any], where: str) -> Dict[str, Any]:
+        if node.get("tk") == "tsub":
+            return _describe_tsub(node, lambda inner: tensor(inner, where))
         if "tk" in node:
             out: Dict[str, Any] = {"type": "tensor", "kind": str(node.get("tk"))}
             for k, v in node.items():
@@ -2015,6 +2290,8 @@ def tree_lines(tree: Dict[str, Any], *, limit: int = 2000) -> List[str]:
 
     def brief(node: Dict[str, Any]) -> str:
         kind = node.get("type")
+        if kind == "tensor" and node.get("kind") == "tsub":
+            return _brief_tsub(node)
         if kind == "tensor":
             if "name" in node:
                 shape = "[" + ", ".join(map(str, node.get("shape") or [])) + "]"
@@ -2054,6 +2331,8 @@ def tree_lines(tree: Dict[str, Any], *, limit: int = 2000) -> List[str]:
         for field in ("dict", "kwargs"):
             for item in node.get(field, []):
                 emit(str(item["key"]), item["value"], indent + 1)
+        for k, v in (node.get("inner") or {}).items() if node.get("kind") == "tsub" else ():
+            emit(k, v, indent + 1)
         if node.get("type") == "tensor" and "name" not in node:
             for k, v in node.items():
                 if isinstance(v, dict) and v.get("type") == "tensor":
