@@ -30,7 +30,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import torch.serialization as _ser
 
-from . import _C
+from . import _C, _source
 
 __all__ = ["load_path", "load_fileobj", "load_for_convert", "last_fallback"]
 
@@ -475,23 +475,11 @@ torch_load_fn: Optional[Callable[..., Any]] = None
 
 _MARK = "__torch_safetensors_original__"
 
-# how a file that torch's loader refused begins, when it is one of torch's formats
-_PICKLE_PROTOCOLS = range(2, 6)
-
-
 def _torch_loader() -> Callable[..., Any]:
     fn = torch_load_fn
     if fn is None:  # not installed: whatever torch.load is, unwrapped
         fn = getattr(_ser.load, _MARK, _ser.load)
     return fn
-
-
-def is_torch_format(head: bytes) -> bool:
-    """Whether the first bytes are one of torch's own formats (zip, pre-1.6, tar) or a
-    pickle: a file for which torch's ``weights_only`` advice applies."""
-    return (head[:4] == _ZIP_MAGIC or head.startswith(_LEGACY_MAGIC) or head[257:262] == b"ustar"
-            or head.startswith(b"L%d" % _ser.MAGIC_NUMBER)
-            or (len(head) >= 2 and head[0] == 0x80 and head[1] in _PICKLE_PROTOCOLS))
 
 
 def torch_load(f: Any, bound: Any, head: Optional[bytes] = None) -> Any:
@@ -525,7 +513,7 @@ def torch_load(f: Any, bound: Any, head: Optional[bytes] = None) -> Any:
     try:
         return load(f, *args, **kwargs)
     except pickle.UnpicklingError as e:
-        if head is not None and not is_torch_format(head):
+        if head is not None and _source.describe_head(head) is None:  # not torch's format: its words stand
             raise
         raise pickle.UnpicklingError(weights_only_hint(e)) from None
 

@@ -406,11 +406,6 @@ class Source:
         """Whether the caller passed a path (not a file object)."""
         return self.kind in (SAFETENSORS, INDEX, DIRECTORY, LEGACY)
 
-    @property
-    def what(self) -> Optional[str]:
-        """What the bytes are when they are one of torch's formats (see :func:`describe_head`)."""
-        return describe_head(self.head) if self.head else None
-
     def close(self) -> None:
         """Closes the descriptor this value owns, if any."""
         if self.fd is not None:
