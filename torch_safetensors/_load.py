@@ -22,36 +22,61 @@ __all__ = ["Args", "finish", "read_tensors", "location_target"]
 
 
 class Args:
-    """torch.load's bound arguments, and what the loaders ask of them."""
+    """torch.load's arguments, and what the loaders ask of them.
 
-    __slots__ = ("bound", "format")
+    Binding them to torch.load's signature (``inspect.Signature.bind``) costs about as
+    much as loading a small safetensors file, and only torch's own loader needs the bound
+    form: a call with keyword arguments only (every keyword is valid: the unknown ones
+    are torch's ``pickle_load_args``) is bound when ``bound`` is first asked for; any
+    other call is bound at once, so a wrong one raises torch's TypeError before a load.
+    """
 
-    def __init__(self, bound: inspect.BoundArguments, format: Optional[str] = None) -> None:
-        self.bound = bound
+    __slots__ = ("_sig", "_f", "_kwargs", "_bound", "format")
+
+    def __init__(self, sig: inspect.Signature, f: Any, args: Tuple[Any, ...], kwargs: Dict[str, Any],
+                 format: Optional[str] = None) -> None:
+        self._sig = sig
+        self._f = f
+        self._kwargs = kwargs
+        self._bound: Optional[inspect.BoundArguments] = None
         self.format = format
+        if args or "f" in kwargs:
+            self._bound = sig.bind(f, *args, **kwargs)
+
+    @property
+    def bound(self) -> inspect.BoundArguments:
+        """The arguments bound to torch.load's signature (bound once, then shared)."""
+        if self._bound is None:
+            self._bound = self._sig.bind(self._f, **self._kwargs)
+        return self._bound
+
+    def _get(self, name: str) -> Any:
+        if self._bound is None:
+            return self._kwargs.get(name)
+        return self._bound.arguments.get(name)
 
     @property
     def map_location(self) -> Any:
-        return self.bound.arguments.get("map_location")
+        return self._get("map_location")
 
     @property
     def mmap(self) -> Optional[bool]:
-        return self.bound.arguments.get("mmap")
+        return self._get("mmap")
 
     @property
     def weights_only(self) -> Optional[bool]:
-        return self.bound.arguments.get("weights_only")
+        return self._get("weights_only")
 
     @property
     def trusted(self) -> bool:
         """The caller passed weights_only=False: classes a checkpoint names are rebuilt
         without the allowlist, as with pickle."""
-        return self.weights_only is False
+        return self._get("weights_only") is False
 
 
 def bind(f: Any, **kwargs: Any) -> Args:
-    """Args for an internal load (a legacy shard): torch.load's signature, bound."""
-    return Args(inspect.signature(_legacy._torch_loader()).bind(f, **kwargs))
+    """Args for an internal load (a legacy shard) with torch.load's signature."""
+    return Args(inspect.signature(_legacy._torch_loader()), f, (), kwargs)
 
 
 # ---- map_location ----

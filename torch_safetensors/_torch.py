@@ -67,7 +67,7 @@ assert set(LOADERS) == set(_source.KINDS)
 
 def load(f: Any, *args: Any, format: Optional[str] = None, **kwargs: Any) -> Any:
     _check_format(format)
-    a = _load.Args(_LOAD_SIG.bind(f, *args, **kwargs), format)
+    a = _load.Args(_LOAD_SIG, f, args, kwargs, format)
     if format == "pickle":
         return _load_pickle(f, a)
     with _source.resolve(f) as src:
