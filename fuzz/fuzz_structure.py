@@ -141,7 +141,8 @@ def _held(tensors):
 
 # what only building can tell: data-level tensor invariants, what an allowed class does
 _LOADER_ONLY = ("cannot be rebuilt", "out of range", "rebuilding", "is not a class", "is not callable",
-                "returned a", "is not a tensor subclass", "is not hashable", "unhashable", "factory is not callable")
+                "returned a", "is not a tensor subclass", "is not hashable", "unhashable", "factory is not callable",
+                "did not give back")
 
 
 def _invariant_holds(tensors, text) -> bool:

@@ -29,7 +29,32 @@ HELD = {k: (_NAMES[t.dtype], list(t.shape), t.numel() * t.element_size()) for k,
 
 # what only building can tell: data-level invariants, what an allowed class does with its state
 _LOADER_ONLY = ("cannot be rebuilt", "out of range", "rebuilding", "is not a class", "is not callable",
-                "returned a", "is not a tensor subclass", "unhashable", "not hashable")
+                "returned a", "is not a tensor subclass", "unhashable", "not hashable", "did not give back")
+
+
+class Pair(torch.Tensor):
+    """An allowed traceable subclass (the "tsub" row): one inner tensor, the outer dtype as
+    its flatten context."""
+
+    @staticmethod
+    def __new__(cls, a, dtype):
+        r = torch.Tensor._make_wrapper_subclass(cls, a.shape, dtype=dtype, device=a.device)
+        r.a = a
+        return r
+
+    def __tensor_flatten__(self):
+        return ["a"], self.dtype
+
+    @classmethod
+    def __tensor_unflatten__(cls, inner, ctx, outer_size, outer_stride):
+        return cls(inner["a"], ctx)
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        raise NotImplementedError(f"Pair: {func}")
+
+
+_PAIR = f"{__name__}:Pair"
 
 _ints = st.sampled_from([0, 1, 2, 3, -1, 2 ** 62, 2 ** 64, 10 ** 400])
 _names = st.sampled_from(sorted(TENSORS) + ["missing"])
@@ -65,6 +90,14 @@ def tensor_node(inner):
                                "shape": sizes, "stride": st.none() | sizes}),
         st.fixed_dictionaries({"tk": st.just("sub"), "cls": st.sampled_from(["torch:Tensor", "os:system", "x"]),
                                "data": ref()}),
+        st.fixed_dictionaries(
+            {"tk": st.just("tsub"), "name": st.sampled_from(["a", "b"]),
+             "cls": st.sampled_from([_PAIR, _PAIR, "torch:Tensor", "os:system", "x"]),
+             "inner": st.dictionaries(st.sampled_from(["a", "b"]), ref() | inner, max_size=2),
+             "ctx": st.sampled_from([{"dtype": "float32"}, {"dtype": "int64"}, {"dtype": "nope"}, None, 3]),
+             "size": sizes, "stride": sizes, "dtype": st.sampled_from(["float32", "int64", "nope"])},
+            optional={"param": st.sampled_from([1, 1, True, 2]), "grad": st.sampled_from([1, 0])}),
+        st.fixed_dictionaries({"tk": st.just("tsub"), "name": st.sampled_from(["a", "b"]), "same": st.just(1)}),
     )
 
 
@@ -108,7 +141,7 @@ def test_hostile_structures_validator_and_loader_agree(root):
     except SafetensorError as e:
         refused = e
     try:
-        with torch.serialization.safe_globals([torch.Tensor]):
+        with torch.serialization.safe_globals([torch.Tensor, Pair]):
             _checkpoint.unflatten({k: t.detach() for k, t in TENSORS.items()}, {_checkpoint.STRUCTURE_KEY: text})
     except SafetensorError as e:
         assert refused is not None or e.code in ("not_allowed", "budget") or any(
