@@ -312,7 +312,9 @@ def _bound(**kw):
 
 
 class MinimalReader:
-    """read/seek/tell only (no readinto), recording every read size."""
+    """read/readline/seek/tell only (no readinto), recording every read size. (readline:
+    torch reads a pre-1.6 file with pickle, which needs it; without it torch refuses
+    the object, and so does the wrapper: tests/test_fileobj_matrix.py.)"""
 
     def __init__(self, data):
         self.f = __import__("io").BytesIO(data)
@@ -321,6 +323,9 @@ class MinimalReader:
     def read(self, n=-1):
         self.reads.append(n)
         return self.f.read(n)
+
+    def readline(self):
+        return self.f.readline()
 
     def seek(self, off, whence=0):
         return self.f.seek(off, whence)

@@ -222,6 +222,10 @@ def load_fileobj(f: Any, bound: Any, torch_load: Callable[[], Any]) -> Any:
         if not isinstance(head, bytes) or (head[:4] != _ZIP_MAGIC and not (head.startswith(_LEGACY_MAGIC)
                                                                        and not _is_tar(head))):
             why = "neither a zip nor a pre-1.6 checkpoint"
+        elif head[:4] != _ZIP_MAGIC and not callable(getattr(f, "readline", None)):
+            # torch reads a pre-1.6 file with pickle, which needs readline: torch refuses
+            # such an object, so we do too, in its words
+            why = "a pre-1.6 checkpoint in a file object without readline"
     if why is None:
         test = _cpu_test(a.get("map_location"))
         assert test is not None  # _why_torch ruled callables out

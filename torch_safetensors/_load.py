@@ -289,9 +289,7 @@ def load_fileobj(src: _source.Source, a: Args) -> Any:
     if a.format == "safetensors":
         return _strict(src, a)
     fallback = lambda: _legacy.torch_load(src.f, a.bound, src.head or None)  # noqa: E731
-    if not src.head or (_source.is_pre16(src.head) and not callable(getattr(src.f, "readline", None))):
-        # (torch reads a pre-1.6 file with pickle, which needs readline: without it
-        # torch refuses the object, and so do we, in its words)
+    if not src.head:  # its first bytes could not be read: torch says why
         return fallback()
     return _legacy.load_fileobj(src.f, a.bound, fallback)
 
