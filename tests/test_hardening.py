@@ -818,6 +818,49 @@ def test_loaders_racing_savers_always_get_a_complete_checkpoint(tmp_path, savers
     assert not [f for f in _files(tmp_path) if f.startswith(".")]
 
 
+def test_shard_names_reused_while_loading_never_mix_two_saves(tmp_path, monkeypatch):
+    # the race the looping savers hit by chance, made certain: after the loader has
+    # read save 1's index and opened its first shard, save 2 completes (unique names,
+    # removing save 1's standard-named shards) and save 3 writes the standard names
+    # again; the loader's next shard open would read save 3's bytes under save 1's index
+    a, b = _expected(1.0)
+    c = {k: -v for k, v in a.items()}
+    ts.save_sharded(a, tmp_path, max_shard_size=160_000)
+    real = _sharded._load_shard
+    saves = iter([b, c])
+
+    def racing(*args, **kwargs):
+        part = real(*args, **kwargs)
+        nxt = next(saves, None)
+        if nxt is not None and nxt is b:
+            ts.save_sharded(b, tmp_path, max_shard_size=160_000)
+            ts.save_sharded(next(saves), tmp_path, max_shard_size=160_000)
+        return part
+
+    monkeypatch.setattr(_sharded, "_load_shard", racing)
+    got = torch.load(tmp_path)
+    assert any(_same(got, sd) for sd in (a, b, c)), {k: float(v[0]) for k, v in got.items()}
+    assert _same(got, c)  # the retry reads the checkpoint now in place
+
+
+def test_a_checkpoint_replaced_at_every_attempt_is_refused_not_mixed(tmp_path, monkeypatch):
+    a, b = _expected(1.0)
+    ts.save_sharded(a, tmp_path, max_shard_size=160_000)
+    real = _sharded._load_shard
+    turn = [0]
+
+    def always_racing(*args, **kwargs):
+        part = real(*args, **kwargs)
+        turn[0] += 1
+        ts.save_sharded(a if turn[0] % 2 else b, tmp_path, max_shard_size=160_000)
+        return part
+
+    monkeypatch.setattr(_sharded, "_load_shard", always_racing)
+    with pytest.raises(SafetensorError, match="another save replaced the checkpoint") as e:
+        torch.load(tmp_path)
+    assert e.value.code == "checkpoint_changed"
+
+
 # ---- attacks: misbehaving file objects ----
 
 

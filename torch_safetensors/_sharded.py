@@ -666,12 +666,19 @@ def load_sharded(
         before = _snapshot(path)
         try:
             return _load_once(path, map_location, mmap, weights_only)
+        except _Changed:
+            cause: Optional[BaseException] = None
         except (FileNotFoundError, SafetensorError) as e:
             # a save replaced the checkpoint between reading its index and opening a
             # shard (the old shard is gone): the new one is complete, load it instead
             racing = isinstance(e, FileNotFoundError) or getattr(e, "code", None) == "index_mismatch"
-            if not racing or attempt == _ATTEMPTS - 1 or _snapshot(path) == before:
+            if not racing or _snapshot(path) == before:
                 raise
+            cause = e
+        if attempt == _ATTEMPTS - 1:
+            raise _core.error(f"{_source.fspath(path)}: another save replaced the checkpoint during each of "
+                              f"{_ATTEMPTS} attempts to load it; is a save looping over it?",
+                              "checkpoint_changed") from cause
     raise AssertionError("unreachable")
 
 
@@ -702,6 +709,7 @@ def _load_once(path: FILE_PATH, map_location: Any, mmap: Optional[bool], weights
         return _load_legacy(resolved, map_location, mmap, weights_only)
     out: Dict[str, torch.Tensor] = {}
     origin: Dict[str, str] = {}
+    index_before = _identity(resolved)
     for file, shard, listed in _shards_of(resolved):
         part = _load_shard(resolved, file, shard, listed, map_location, mmap, weights_only)
         for name, t in part.items():
@@ -710,4 +718,24 @@ def _load_once(path: FILE_PATH, map_location: Any, mmap: Optional[bool], weights
                                   "duplicate_tensor", name)
             out[name] = t
             origin[name] = shard
+    if _identity(resolved) != index_before:
+        # a save completed while the shards were opened, and a later one may have
+        # reused a shard name this index gave (standard names are taken again once
+        # free): the shards opened may belong to different saves
+        raise _Changed(resolved)
     return out
+
+
+class _Changed(Exception):
+    """The index was replaced while its shards were being opened."""
+
+
+def _identity(path: str) -> Any:
+    """Which index file is at path: a save replaces it (a new inode) before any later
+    save can reuse a name it gives, so an index unchanged from before its shards were
+    opened until after proves every shard opened is the one it names."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
