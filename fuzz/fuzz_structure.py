@@ -86,7 +86,10 @@ def _traceable():
 
 _LEAVES = [None, True, 0, -1, 2**80, 1e308, -0.0, "", "w", "os:system", f"{__name__}:Cfg", "float32",
            "<f4", "|O", "sparse_csr", "PosixPath", "AAAA", [], {}, [[]], {"t": "w"}, {"t": "nope"},
-           {"tk": "complex"}, "9" * 50]
+           {"tk": "complex"}, "9" * 50,
+           # float nodes: a NaN's bits at each width, malformed, not a NaN's, upper case
+           {"f": "nan"}, {"f": "nan:7c01"}, {"f": "nan:ffc00001"}, {"f": "nan:7ff0000000000001"},
+           {"f": "nan:7ff0000000000000"}, {"f": "nan:7FF8000000000001"}, {"f": "nan:"}, {"f": "nan:zz"}]
 
 
 def _nodes(doc, out, parent=None, key=None):

@@ -259,7 +259,7 @@ def same(a, b, ties):
         return
     assert type(a) is type(b), (type(a), type(b))
     if type(a) is float:
-        assert struct.pack("<d", a) == struct.pack("<d", b) or (math.isnan(a) and math.isnan(b))
+        assert struct.pack("<d", a) == struct.pack("<d", b), (a, b)  # a NaN's sign and payload too
     elif type(a) is complex:
         same(a.real, b.real, ties), same(a.imag, b.imag, ties)
     elif isinstance(a, np.ndarray):
@@ -279,6 +279,8 @@ def same(a, b, ties):
             same(x, y, ties)
     elif isinstance(a, argparse.Namespace):
         same(vars(a), vars(b), ties)
+    elif type(a) is slice:  # its parts may be any values, nan among them
+        same((a.start, a.stop, a.step), (b.start, b.stop, b.step), ties)
     elif isinstance(a, (set, frozenset)):
         assert len(a) == len(b)
         rest = list(b)
@@ -352,3 +354,52 @@ def test_every_value_of_the_type_table_round_trips_exactly(tmp_path_factory, obj
                 assert torch.equal(_bits(theirs.get_tensor(name)), _bits(reader.tensor(name)))
     finally:
         reader.close()
+
+
+# ---- every float's bits, NaN payloads included ----
+
+_WIDTHS = {2: (np.uint16, np.float16), 4: (np.uint32, np.float32), 8: (np.uint64, np.float64)}
+
+
+@st.composite
+def float_bits(draw, size):
+    """A bit pattern of a float of size bytes, half the time a NaN (any sign, any payload)."""
+    bits = 8 * size
+    mant = {2: 10, 4: 23, 8: 52}[size]
+    if draw(st.booleans()):
+        return draw(st.integers(0, (1 << bits) - 1))
+    sign = draw(st.integers(0, 1)) << (bits - 1)
+    return sign | (((1 << (bits - 1 - mant)) - 1) << mant) | draw(st.integers(1, (1 << mant) - 1))
+
+
+def _scalar(bits, size):
+    u, f = _WIDTHS[size]
+    return np.array([bits], dtype=u).view(f)[0]
+
+
+@st.composite
+def float_values(draw):
+    size = draw(st.sampled_from([2, 4, 8]))
+    kind = draw(st.sampled_from(["python", "numpy", "complex"] if size == 8 else ["numpy", "complex"]))
+    if kind == "python":
+        return struct.unpack("<d", struct.pack("<Q", draw(float_bits(8))))[0]
+    if kind == "numpy":
+        return _scalar(draw(float_bits(size)), size)
+    if size == 2:  # numpy has no complex32
+        size = 4
+    u, _ = _WIDTHS[size]
+    parts = np.array([draw(float_bits(size)), draw(float_bits(size))], dtype=u)
+    return parts.view(np.complex64 if size == 4 else np.complex128)[0]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(float_values(), min_size=1, max_size=6))
+def test_every_float_bit_pattern_round_trips(tmp_path_factory, values):
+    p = tmp_path_factory.mktemp("nan") / "f.safetensors"
+    torch.save({"values": values}, p, format="safetensors")
+    back = torch.load(p)["values"]
+    same(values, back, {})
+    for a, b in zip(values, back):  # same() compares numpy values by bytes, Python ones by bits
+        assert type(a) is type(b)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert _cli.main(["verify", str(p)]) == 0, out.getvalue()

@@ -182,10 +182,38 @@ _COMPRESSED = {
 }
 
 
-def _float_node(v: float) -> Any:
+_FLOAT_FORMATS = {2: ">e", 4: ">f", 8: ">d"}
+
+
+def _float_node(v: float, bits: Optional[bytes] = None) -> Any:
+    """A float as JSON: finite ones as numbers, the others tagged. A NaN other than the
+    standard one keeps its sign and payload as ``nan:<hex>``, its big-endian bits at its
+    own width (``bits``, for a numpy float16/32 value; a Python float's otherwise)."""
     if math.isfinite(v):
         return v
-    return {"f": "nan" if v != v else ("inf" if v > 0 else "-inf")}
+    if v == v:
+        return {"f": "inf" if v > 0 else "-inf"}
+    raw = struct.pack(">d", v) if bits is None else bits
+    if raw == struct.pack(_FLOAT_FORMATS[len(raw)], math.nan):
+        return {"f": "nan"}
+    return {"f": "nan:" + raw.hex()}
+
+
+def _nan_bits(body: Any, size: int) -> Optional[bytes]:
+    """The bits of a ``nan:<hex>`` float body of ``size`` bytes; None for any other body.
+
+    Raises:
+        SafetensorError: the hex is malformed, of another width, or not a NaN's.
+    """
+    if type(body) is not str or not body.startswith("nan:"):
+        return None
+    digits = body[4:]
+    if len(digits) != 2 * size or not re.fullmatch(r"[0-9a-f]+", digits):
+        raise _bad(f"a {8 * size}-bit NaN needs {2 * size} lowercase hex digits, not {digits[:40]!r}")
+    raw = bytes.fromhex(digits)
+    if not math.isnan(struct.unpack(_FLOAT_FORMATS[size], raw)[0]):
+        raise _bad(f"float bits {digits!r} are not a NaN's (other values are JSON numbers)")
+    return raw
 
 
 class _Flattener:
@@ -457,8 +485,11 @@ class _Flattener:
         if isinstance(v, np.generic):
             text = _types.numpy_dtype_text(v.dtype, shown, _type_name(v))
             item = v.item()
-            return {"npv": [text, _float_node(item) if type(item) is float else
-                            ({"c": [_float_node(item.real), _float_node(item.imag)]} if type(item) is complex else item)]}
+            raw = np.asarray(v).astype(v.dtype.newbyteorder(">")).tobytes()  # a NaN's payload too
+            half = len(raw) // 2
+            return {"npv": [text, _float_node(item, raw) if type(item) is float else
+                            ({"c": [_float_node(item.real, raw[:half]), _float_node(item.imag, raw[half:])]}
+                             if type(item) is complex else item)]}
         if isinstance(v, np.dtype):
             return {"npdt": _types.numpy_dtype_text(v, shown, "numpy.dtype")}
         if isinstance(v, np.ndarray):
@@ -1299,7 +1330,29 @@ class _Builder:
 
     def npscalar_node(self, body: Any, depth: int) -> Any:
         text, value = self.arity(body, 2, "numpy scalar")
-        return _types.numpy_scalar(text, self.build(value, depth + 1), _bad)
+        dt = _types.numpy_dtype(text, _bad)
+        if dt.kind not in "fc":
+            return _types.numpy_scalar(text, self.build(value, depth + 1), _bad)
+        size = dt.itemsize // 2 if dt.kind == "c" else dt.itemsize
+        complex_parts = dt.kind == "c" and type(value) is dict and list(value) == ["c"] and type(value["c"]) is list
+        parts = value["c"] if complex_parts else [value]
+        raws = []
+        for i, part in enumerate(parts):
+            raw = _nan_bits(part.get("f"), size) if type(part) is dict and len(part) == 1 else None
+            if raw is not None:
+                parts[i] = {"f": "nan"}  # built as a NaN, its bits set below
+            raws.append(raw)
+        if not complex_parts:
+            value = parts[0]
+        out = _types.numpy_scalar(text, self.build(value, depth + 1), _bad)
+        if not any(r is not None for r in raws):
+            return out
+        import numpy as np
+
+        fields = [out.real, out.imag] if dt.kind == "c" else [out]
+        data = b"".join(r if r is not None else np.asarray(f).astype(f">f{size}").tobytes()
+                        for r, f in zip(raws, fields))
+        return np.frombuffer(data, dtype=dt.newbyteorder(">")).astype(dt.newbyteorder("="))[0]
 
     def ref_node(self, body: Any, depth: int) -> Any:
         return self.allow.resolve(body, "class or function")
@@ -1394,6 +1447,9 @@ if hasattr(torch, "quint2x4"):
 
 
 def _float_tag(b: _Builder, body: Any, depth: int) -> Any:
+    raw = _nan_bits(body, 8)
+    if raw is not None:
+        return struct.unpack(">d", raw)[0]
     if body not in ("nan", "inf", "-inf"):
         raise _bad(f"unknown float {str(body)[:40]!r}")
     return float(body)
@@ -1894,7 +1950,7 @@ class _Validator:
         return None if tag == "obj" else True
 
     def tag_f(self, body: Any, path: str, depth: int) -> None:
-        if body not in ("nan", "inf", "-inf"):
+        if not _is_float_node({"f": body}):
             raise self.bad(path, f"unknown float {str(body)[:40]!r}")
 
     def tag_d(self, body: Any, path: str, depth: int) -> None:
@@ -1951,13 +2007,13 @@ class _Validator:
     def tag_ba(self, body: Any, path: str, depth: int) -> None:
         self.tag_b(body, path, depth, "ba")
 
-    def number(self, node: Any, path: str) -> None:
+    def number(self, node: Any, path: str, size: int = 8) -> None:
         if type(node) is int:
             try:
                 float(node)
             except OverflowError:
                 raise self.bad(path, "a complex part is an int too large for a float") from None
-        elif not _is_float_node(node):
+        elif not _is_float_node(node, size):
             raise self.bad(path, "a complex part is not a number")
 
     def arity(self, body: Any, n: int, path: str, what: str) -> List[Any]:
@@ -1965,9 +2021,9 @@ class _Validator:
             raise self.bad(path, f"a {what} node does not have {n} items")
         return body
 
-    def tag_c(self, body: Any, path: str, depth: int) -> None:
+    def tag_c(self, body: Any, path: str, depth: int, size: int = 8) -> None:
         for part in self.arity(body, 2, path, "complex"):
-            self.number(part, path)
+            self.number(part, path, size)
 
     def tag_range(self, body: Any, path: str, depth: int) -> None:
         parts = self.arity(body, 3, path, "range")
@@ -2046,17 +2102,17 @@ class _Validator:
             lo, hi = (-(1 << (bits - 1)), 1 << (bits - 1)) if kind == "i" else (0, 1 << bits)
             ok = type(value) is int and lo <= value < hi
         elif kind == "f":
-            ok = _is_float_node(value) or type(value) is int and _fits_float(value, size)
+            ok = _is_float_node(value, size) or type(value) is int and _fits_float(value, size)
             ok = ok and (type(value) is not float or _fits_float(value, size))
         else:
             half = size // 2  # each part of a complex64 is a float32
 
             def fits(part: Any) -> bool:
-                return (_is_float_node(part) or type(part) is int) and (
+                return (_is_float_node(part, half) or type(part) is int) and (
                     type(part) not in (int, float) or _fits_float(part, half))
 
             if type(value) is dict and set(value) == {"c"}:
-                self.tag_c(value["c"], path, depth + 1)
+                self.tag_c(value["c"], path, depth + 1, half)
                 ok = all(fits(part) for part in value["c"])
             else:
                 ok = fits(value)
@@ -2109,8 +2165,16 @@ def _itemsize(dtype: Optional[torch.dtype]) -> int:
     return dtype.itemsize if dtype is not None else 0
 
 
-def _is_float_node(node: Any) -> bool:
-    return type(node) is float or type(node) is dict and len(node) == 1 and node.get("f") in ("nan", "inf", "-inf")
+def _is_float_node(node: Any, size: int = 8) -> bool:
+    """A float's node, a NaN's bits being ``size`` bytes wide."""
+    if type(node) is float:
+        return True
+    if type(node) is not dict or len(node) != 1 or "f" not in node:
+        return False
+    try:
+        return node["f"] in ("nan", "inf", "-inf") or _nan_bits(node["f"], size) is not None
+    except SafetensorError:
+        return False
 
 
 def _fits_float(value: Any, size: int) -> bool:
