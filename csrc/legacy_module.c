@@ -189,14 +189,30 @@ typedef struct {
 
 static int ci_cmp(const uint8_t *a, size_t al, const uint8_t *b, size_t bl)
 {
-    size_t n = al < bl ? al : bl;
-    for (size_t i = 0; i < n; i++) {
-        int x = a[i] >= 'A' && a[i] <= 'Z' ? a[i] + 32 : a[i];
-        int y = b[i] >= 'A' && b[i] <= 'Z' ? b[i] + 32 : b[i];
-        if (x != y)
-            return x - y;
+    size_t n = al < bl ? al : bl, i = 0;
+    for (;;) {
+        /* equal bytes are equal without regard to case too: skip runs of them, eight
+         * at a time (names share long prefixes), and fold only where they differ */
+        while (i + 8 <= n) {
+            uint64_t x, y;
+            memcpy(&x, a + i, 8);
+            memcpy(&y, b + i, 8);
+            if (x != y)
+                break;
+            i += 8;
+        }
+        while (i < n && a[i] == b[i])
+            i++;
+        if (i == n)
+            return al < bl ? -1 : al > bl;
+        {
+            int x = a[i] >= 'A' && a[i] <= 'Z' ? a[i] + 32 : a[i];
+            int y = b[i] >= 'A' && b[i] <= 'Z' ? b[i] + 32 : b[i];
+            if (x != y)
+                return x - y;
+        }
+        i++;
     }
-    return al < bl ? -1 : al > bl;
 }
 
 static int ref_cmp_exact(const void *pa, const void *pb)
@@ -233,14 +249,7 @@ static name_ref *first_match(name_ref *refs, size_t n, const name_ref *key)
 
 static int mz_less(const name_ref *a, const name_ref *b)
 {
-    size_t n = a->len < b->len ? a->len : b->len;
-    for (size_t i = 0; i < n; i++) {
-        int x = a->name[i] >= 'A' && a->name[i] <= 'Z' ? a->name[i] + 32 : a->name[i];
-        int y = b->name[i] >= 'A' && b->name[i] <= 'Z' ? b->name[i] + 32 : b->name[i];
-        if (x != y)
-            return x < y;
-    }
-    return a->len < b->len;
+    return ci_cmp(a->name, a->len, b->name, b->len) < 0;
 }
 
 static void mz_sift(name_ref *r, size_t root, size_t end)
@@ -292,26 +301,122 @@ static name_ref *mz_search(name_ref *r, size_t n, const name_ref *key)
     return NULL;
 }
 
+/* ---- the records' names, for torch's lookups ----
+ * With no two names equal but for case, the record miniz's search finds for a name is
+ * the only one equal to it without regard to case: a hash of the case-folded names finds
+ * it in O(1), and no sort is needed. Otherwise (or if names collide in the hash more than
+ * MAX_PROBE times: crafted names cost O(n log n), never O(n^2)) miniz's sort and search
+ * run as torch runs them. */
+
+#define MAX_PROBE 64
+
+typedef struct {
+    const sp_zip_entry *es;
+    size_t n;
+    uint32_t *slot; /* entry index + 1 per slot (0: empty); NULL when refs is used */
+    size_t mask;
+    unsigned max_probe;
+    name_ref *refs; /* miniz's order, when the hash cannot stand in for it */
+} name_table;
+
+static size_t ci_hash(const uint8_t *p, size_t n)
+{
+    uint64_t h = 1469598103934665603ull; /* FNV-1a over the case-folded bytes */
+    for (size_t i = 0; i < n; i++) {
+        h ^= (uint64_t)(p[i] >= 'A' && p[i] <= 'Z' ? p[i] + 32 : p[i]);
+        h *= 1099511628211ull;
+    }
+    return (size_t)(h ^ (h >> 29));
+}
+
+static int hash_names(name_table *t)
+{
+    size_t cap = 16;
+    while (cap < 2 * t->n)
+        cap <<= 1;
+    if (!(t->slot = calloc(cap, sizeof(uint32_t))))
+        return -1;
+    t->mask = cap - 1;
+    for (size_t i = 0; i < t->n; i++) {
+        const sp_zip_entry *e = &t->es[i];
+        size_t h = ci_hash(e->name, e->name_len) & t->mask;
+        unsigned probe = 0;
+        for (; t->slot[h]; h = (h + 1) & t->mask) {
+            const sp_zip_entry *o = &t->es[t->slot[h] - 1];
+            if (++probe > MAX_PROBE || ci_cmp(o->name, o->name_len, e->name, e->name_len) == 0) {
+                free(t->slot); /* equal but for case, or crafted collisions: miniz's way */
+                t->slot = NULL;
+                return 0;
+            }
+        }
+        t->slot[h] = (uint32_t)i + 1;
+        if (probe > t->max_probe)
+            t->max_probe = probe;
+    }
+    return 0;
+}
+
+/* Indexes the n records' names (each entry's index must fit in 32 bits). 0, or -1 when
+ * out of memory. */
+static int names_build(name_table *t, const sp_zip_entry *es, size_t n)
+{
+    memset(t, 0, sizeof(*t));
+    t->es = es;
+    t->n = n;
+    if (hash_names(t) != 0)
+        return -1;
+    if (t->slot)
+        return 0;
+    if (!(t->refs = malloc((n ? n : 1) * sizeof(name_ref))))
+        return -1;
+    for (size_t i = 0; i < n; i++) {
+        t->refs[i].name = es[i].name;
+        t->refs[i].len = es[i].name_len;
+        t->refs[i].idx = (uint32_t)i;
+    }
+    mz_sort(t->refs, n);
+    return 0;
+}
+
+static void names_free(name_table *t)
+{
+    free(t->slot);
+    free(t->refs);
+    t->slot = NULL;
+    t->refs = NULL;
+}
+
 /* Index of the entry torch's zip reader finds for prefix + rest, or -1 (-2: no memory).
  * It looks names up as C strings: the name ends at its first NUL byte. */
-static long find_entry(const name_ref *refs, size_t n, const uint8_t *prefix, size_t plen,
+static long find_entry(const name_table *t, const uint8_t *prefix, size_t plen,
                        const char *rest, size_t rlen)
 {
     uint8_t small[512], *key = small;
     const char *nul = memchr(rest, 0, rlen);
-    name_ref k, *hit;
+    long found = -1;
     if (nul)
         rlen = (size_t)(nul - rest);
     if (plen + rlen > sizeof(small) && !(key = malloc(plen + rlen)))
         return -2;
     memcpy(key, prefix, plen);
     memcpy(key + plen, rest, rlen);
-    k.name = key;
-    k.len = plen + rlen;
-    hit = mz_search((name_ref *)refs, n, &k);
+    if (t->slot) {
+        size_t h = ci_hash(key, plen + rlen) & t->mask;
+        /* an inserted name lies within max_probe slots of its own */
+        for (unsigned probe = 0; probe <= t->max_probe && t->slot[h]; probe++, h = (h + 1) & t->mask) {
+            const sp_zip_entry *o = &t->es[t->slot[h] - 1];
+            if (ci_cmp(o->name, o->name_len, key, plen + rlen) == 0) {
+                found = (long)t->slot[h] - 1;
+                break;
+            }
+        }
+    } else {
+        name_ref k = {key, plen + rlen, 0}, *hit = mz_search(t->refs, t->n, &k);
+        found = hit ? (long)hit->idx : -1;
+    }
     if (key != small)
         free(key);
-    return hit ? (long)hit->idx : -1;
+    return found;
 }
 
 /* Whether a record's name, as torch lists it (a C string in a 512-byte buffer), is
@@ -349,7 +454,7 @@ typedef struct {
     window win;
     sp_zip_entry *entries;
     size_t n_entries;
-    name_ref *refs;
+    name_table names;
     uint8_t *tail, *cd, *owned;
     const uint8_t *pkl;   /* data.pkl (zip) or the main pickle (pre-1.6), inside owned */
     size_t pkl_len;
@@ -458,17 +563,10 @@ static int read_archive(load_state *st, int default_little)
     /* torch names the archive after its first record's folder */
     if (st->n_entries == 0)
         FALLBACK("an empty zip");
-    st->refs = malloc(st->n_entries * sizeof(name_ref));
-    if (!st->refs) {
+    if (names_build(&st->names, st->entries, st->n_entries) != 0) {
         PyErr_NoMemory();
         return -1;
     }
-    for (size_t i = 0; i < st->n_entries; i++) {
-        st->refs[i].name = st->entries[i].name;
-        st->refs[i].len = st->entries[i].name_len;
-        st->refs[i].idx = (uint32_t)i;
-    }
-    mz_sort(st->refs, st->n_entries);
     prefix = st->entries[0].name;
     slash = memchr(prefix, '/', st->entries[0].name_len);
     if (!slash)
@@ -486,11 +584,11 @@ static int read_archive(load_state *st, int default_little)
         if (listed_as(&st->entries[i], prefix, plen, "constants.pkl"))
             FALLBACK("a TorchScript archive");
     /* torch reads .data/version when there is one, else version */
-    iv = find_entry(st->refs, st->n_entries, prefix, plen, ".data/version", 13);
+    iv = find_entry(&st->names, prefix, plen, ".data/version", 13);
     if (iv < 0)
-        iv = find_entry(st->refs, st->n_entries, prefix, plen, "version", 7);
-    ipkl = find_entry(st->refs, st->n_entries, prefix, plen, "data.pkl", 8);
-    ibo = find_entry(st->refs, st->n_entries, prefix, plen, "byteorder", 9);
+        iv = find_entry(&st->names, prefix, plen, "version", 7);
+    ipkl = find_entry(&st->names, prefix, plen, "data.pkl", 8);
+    ibo = find_entry(&st->names, prefix, plen, "byteorder", 9);
     if (iv < 0 || ipkl < 0)
         FALLBACK("no version or data.pkl record");
     {
@@ -501,7 +599,7 @@ static int read_archive(load_state *st, int default_little)
             int digits;
         } small[] = {{".format_version", 0}, {".storage_alignment", 1}, {".data/serialization_id", 2}};
         for (size_t k = 0; k < sizeof(small) / sizeof(small[0]); k++) {
-            long ix = find_entry(st->refs, st->n_entries, prefix, plen, small[k].name,
+            long ix = find_entry(&st->names, prefix, plen, small[k].name,
                                  strlen(small[k].name));
             const sp_zip_entry *e;
             uint64_t doff;
@@ -828,7 +926,7 @@ static int check_records(load_state *st, PyObject *cpu_ok)
             }
             memcpy(rest, "data/", 5);
             memcpy(rest + 5, st->pkl + key->off, key->len);
-            ei = find_entry(st->refs, st->n_entries, prefix, plen, rest, (size_t)key->len + 5);
+            ei = find_entry(&st->names, prefix, plen, rest, (size_t)key->len + 5);
             if (rest != small)
                 free(rest);
             if (ei == -2) {
@@ -1270,7 +1368,7 @@ static void state_free(load_state *st)
     sp_plan_free(&st->plan);
     free(st->slot_of);
     free(st->entries);
-    free(st->refs);
+    names_free(&st->names);
     free(st->tail);
     free(st->cd);
     free(st->owned);
