@@ -6,6 +6,7 @@ torch and through the wrapper in every mmap and map_location mode: the values, d
 strides, offsets, sharing, identity and exception classes must agree. The one accepted
 difference: mmap=True refuses a file whose records torch would map from other bytes."""
 import os
+import struct
 import sys
 import warnings
 
@@ -299,6 +300,38 @@ def test_records_equal_but_for_case_read_as_torch_picks(tmp_path, order):
         got = torch.load(path, mmap=mmap)
         assert _legacy.last_fallback is None
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    agree(path)
+
+
+def _name_hash(name: bytes) -> int:
+    """The C reader's hash of a record name (FNV-1a over the case-folded bytes)."""
+    h = 1469598103934665603
+    for b in name.lower():
+        h = ((h ^ b) * 1099511628211) & (2**64 - 1)
+    return h ^ (h >> 29)
+
+
+def test_record_names_crafted_to_collide_read_as_torch_reads(tmp_path):
+    # 80 storage keys whose names fall in one slot of the reader's name table: past 64
+    # probes it takes miniz's sort and search (as torch does), never a quadratic lookup
+    n = 80
+    mask = 2 ** (n * 2 - 1).bit_length() - 1  # the table: a power of two >= 2 x records
+    keys, i = [], 0
+    while len(keys) < n:
+        key = str(i).encode()
+        if _name_hash(b"archive/data/" + key) & mask == 0:
+            keys.append(key)
+        i += 1
+    p = Pickle().op(b"]").mark()
+    for key in keys:
+        v2(p, "FloatStorage", key, 1, [1])
+    stor = [(key, struct.pack("<f", float(j))) for j, key in enumerate(keys)]
+    path = write_zip(tmp_path, p.op(b"e").stop(), stor)
+    for mmap in (False, True):
+        want = plain(path, mmap=mmap)
+        got = torch.load(path, mmap=mmap)
+        assert _legacy.last_fallback is None
+        assert len(got) == n and all(torch.equal(a, b) for a, b in zip(got, want))
     agree(path)
 
 
