@@ -329,6 +329,21 @@ class Mode(enum.Enum):
     EVAL = "eval"
 
 
+class ByName(enum.Enum):
+    """An enum reduced as early Python 3.11 releases (3.11.0 to 3.11.4, Debian 12's 3.11.2)
+    reduce every enum member: getattr(cls, name)."""
+    ON = 1
+    OFF = 2
+
+    def __reduce_ex__(self, proto):
+        return getattr, (self.__class__, self._name_)
+
+
+class ByValue(enum.Enum):
+    ON = 1
+    OFF = 2
+
+
 class Slotted:
     __slots__ = ("x", "y")
 
@@ -891,3 +906,19 @@ def test_huge_int_refused_fast_even_where_the_int_limit_is_lifted():
     finally:
         sys.set_int_max_str_digits(old)
     assert _checkpoint.unflatten({}, {STRUCTURE_KEY: '{"version":2,"root":{"l":[' + "9" * 4300 + "]}}"})[0] > 0
+
+
+def test_an_enum_member_is_stored_as_its_class_called_whatever_python_wrote_it():
+    # saved through getattr(cls, name), an enum would need builtins.getattr allowed to
+    # load: it is written as cls(value), as later Pythons reduce it, byte for byte
+    def structure(obj):
+        return _checkpoint.flatten(obj)[1][_checkpoint.STRUCTURE_KEY]
+
+    assert structure({"m": ByName.OFF}) == structure({"m": ByValue.OFF}).replace("ByValue", "ByName")
+    assert "getattr" not in structure({"m": ByName.OFF})
+    data = _save_bytes({"m": ByName.OFF, "n": [ByName.ON]})
+    with torch.serialization.safe_globals([ByName]):
+        back = torch.load(io.BytesIO(data))
+    assert back["m"] is ByName.OFF and back["n"][0] is ByName.ON
+    with pytest.raises(SafetensorError, match="ByName"):
+        torch.load(io.BytesIO(data))

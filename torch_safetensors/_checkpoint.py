@@ -23,6 +23,7 @@ import base64
 import collections
 import copyreg
 import ctypes
+import enum
 import json
 import math
 import re
@@ -513,6 +514,12 @@ class _Flattener:
         if not isinstance(rv, tuple) or not 2 <= len(rv) <= 6:
             raise _refuse(shown, v, "its __reduce_ex__ returned something pickle would not accept")
         func, args, state, listitems, dictitems, setter = (tuple(rv) + (None,) * 4)[:6]
+        if (func is getattr and isinstance(v, enum.Enum) and isinstance(args, tuple) and len(args) == 2
+                and args[0] is type(v) and isinstance(args[1], str) and getattr(type(v), args[1], None) is v):
+            # early Python 3.11 releases (Debian 12's 3.11.2) reduce an enum member to
+            # getattr(cls, name), which no loader should allow; the others to cls(value):
+            # that one, so the file is the same whichever Python wrote it
+            func, args = type(v), (v._value_,)
         if setter is not None:
             raise _refuse(shown, v, "its reduce uses a state setter")
         if not isinstance(args, tuple):
