@@ -26,6 +26,7 @@ import ctypes
 import enum
 import json
 import math
+import operator
 import re
 import struct
 import sys
@@ -514,11 +515,11 @@ class _Flattener:
         if not isinstance(rv, tuple) or not 2 <= len(rv) <= 6:
             raise _refuse(shown, v, "its __reduce_ex__ returned something pickle would not accept")
         func, args, state, listitems, dictitems, setter = (tuple(rv) + (None,) * 4)[:6]
-        if (func is getattr and isinstance(v, enum.Enum) and isinstance(args, tuple) and len(args) == 2
-                and args[0] is type(v) and isinstance(args[1], str) and getattr(type(v), args[1], None) is v):
+        if (func is getattr or func is operator.or_) and isinstance(v, enum.Enum) and _enum_by_value(v):
             # early Python 3.11 releases (Debian 12's 3.11.2) reduce an enum member to
-            # getattr(cls, name), which no loader should allow; the others to cls(value):
-            # that one, so the file is the same whichever Python wrote it
+            # getattr(cls, name), and a composite flag to operator.or_(a, b): calls no
+            # loader should allow. Later ones reduce both to cls(value): that, so the
+            # file is the same whichever Python wrote it
             func, args = type(v), (v._value_,)
         if setter is not None:
             raise _refuse(shown, v, "its reduce uses a state setter")
@@ -545,6 +546,14 @@ class _Flattener:
         if dictitems is not None:
             body["dict"] = self.items(_join(path, "items"), shown, dict(dictitems), depth)
         return {"obj": body}
+
+
+def _enum_by_value(v: enum.Enum) -> bool:
+    """Whether the enum member comes back from its class called with its value."""
+    try:
+        return type(v)(v._value_) is v
+    except Exception:  # noqa: BLE001 - an enum whose lookup by value fails in its own way
+        return False
 
 
 _PATHS = set(_types.PATH_TYPES.values())
