@@ -285,6 +285,21 @@ static void mz_sort(name_ref *r, size_t n)
     }
 }
 
+/* The n records' names in the order miniz sorts them (malloc'd), or NULL: no memory. */
+static name_ref *mz_sorted(const sp_zip_entry *es, size_t n)
+{
+    name_ref *r = malloc((n ? n : 1) * sizeof(name_ref));
+    if (!r)
+        return NULL;
+    for (size_t i = 0; i < n; i++) {
+        r[i].name = es[i].name;
+        r[i].len = es[i].name_len;
+        r[i].idx = (uint32_t)i;
+    }
+    mz_sort(r, n);
+    return r;
+}
+
 static name_ref *mz_search(name_ref *r, size_t n, const name_ref *key)
 {
     long long lo = 0, hi = (long long)n - 1;
@@ -332,6 +347,8 @@ static size_t ci_hash(const uint8_t *p, size_t n)
 static int hash_names(name_table *t)
 {
     size_t cap = 16;
+    if (t->n > SIZE_MAX / 8)
+        return 0; /* no table that large: miniz's way */
     while (cap < 2 * t->n)
         cap <<= 1;
     if (!(t->slot = calloc(cap, sizeof(uint32_t))))
@@ -367,15 +384,7 @@ static int names_build(name_table *t, const sp_zip_entry *es, size_t n)
         return -1;
     if (t->slot)
         return 0;
-    if (!(t->refs = malloc((n ? n : 1) * sizeof(name_ref))))
-        return -1;
-    for (size_t i = 0; i < n; i++) {
-        t->refs[i].name = es[i].name;
-        t->refs[i].len = es[i].name_len;
-        t->refs[i].idx = (uint32_t)i;
-    }
-    mz_sort(t->refs, n);
-    return 0;
+    return (t->refs = mz_sorted(es, n)) ? 0 : -1;
 }
 
 static void names_free(name_table *t)
@@ -1542,16 +1551,10 @@ static PyObject *legacy_zip_records(PyObject *self, PyObject *args)
             out = Py_NewRef(Py_None);
         goto done;
     }
-    if (!(refs = malloc((dir.count ? (size_t)dir.count : 1) * sizeof(name_ref)))) {
+    if (!(refs = mz_sorted(es, (size_t)dir.count))) {
         PyErr_NoMemory();
         goto done;
     }
-    for (uint64_t i = 0; i < dir.count; i++) {
-        refs[i].name = es[i].name;
-        refs[i].len = es[i].name_len;
-        refs[i].idx = (uint32_t)i;
-    }
-    mz_sort(refs, (size_t)dir.count);
     if (!(order = PyList_New((Py_ssize_t)dir.count)))
         goto done;
     for (uint64_t i = 0; i < dir.count; i++) {

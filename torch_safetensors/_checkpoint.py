@@ -487,11 +487,13 @@ class _Flattener:
         if isinstance(v, np.generic):
             text = _types.numpy_dtype_text(v.dtype, shown, _type_name(v))
             item = v.item()
+            if type(item) not in (float, complex):
+                return {"npv": [text, item]}
             raw = np.asarray(v).astype(v.dtype.newbyteorder(">")).tobytes()  # a NaN's payload too
+            if type(item) is float:
+                return {"npv": [text, _float_node(item, raw)]}
             half = len(raw) // 2
-            return {"npv": [text, _float_node(item, raw) if type(item) is float else
-                            ({"c": [_float_node(item.real, raw[:half]), _float_node(item.imag, raw[half:])]}
-                             if type(item) is complex else item)]}
+            return {"npv": [text, {"c": [_float_node(item.real, raw[:half]), _float_node(item.imag, raw[half:])]}]}
         if isinstance(v, np.dtype):
             return {"npdt": _types.numpy_dtype_text(v, shown, "numpy.dtype")}
         if isinstance(v, np.ndarray):
@@ -1966,7 +1968,7 @@ class _Validator:
         return None if tag == "obj" else True
 
     def tag_f(self, body: Any, path: str, depth: int) -> None:
-        if not _is_float_node({"f": body}):
+        if not _float_body_ok(body, 8):
             raise self.bad(path, f"unknown float {str(body)[:40]!r}")
 
     def tag_d(self, body: Any, path: str, depth: int) -> None:
@@ -2183,12 +2185,16 @@ def _itemsize(dtype: Optional[torch.dtype]) -> int:
 
 def _is_float_node(node: Any, size: int = 8) -> bool:
     """A float's node, a NaN's bits being ``size`` bytes wide."""
-    if type(node) is float:
+    return type(node) is float or (type(node) is dict and len(node) == 1 and "f" in node
+                                   and _float_body_ok(node["f"], size))
+
+
+def _float_body_ok(body: Any, size: int) -> bool:
+    """Whether body is a float tag's: inf, -inf, nan, or a NaN's bits ``size`` bytes wide."""
+    if body in ("nan", "inf", "-inf"):
         return True
-    if type(node) is not dict or len(node) != 1 or "f" not in node:
-        return False
     try:
-        return node["f"] in ("nan", "inf", "-inf") or _nan_bits(node["f"], size) is not None
+        return _nan_bits(body, size) is not None
     except SafetensorError:
         return False
 

@@ -691,14 +691,7 @@ def _snapshot(path: FILE_PATH) -> Any:
     """What changes when a save replaces the checkpoint at path: the directory's
     entries, or the index file itself."""
     p = _source.fspath(path)
-    out = []
-    for q in (p, os.path.dirname(p) or "."):
-        try:
-            st = os.stat(q)
-            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
-        except OSError:
-            out.append(None)
-    return out
+    return [_identity(q) for q in (p, os.path.dirname(p) or ".")]
 
 
 def _load_once(path: FILE_PATH, map_location: Any, mmap: Optional[bool], weights_only: bool) -> Dict[str, torch.Tensor]:
@@ -731,9 +724,10 @@ class _Changed(Exception):
 
 
 def _identity(path: str) -> Any:
-    """Which index file is at path: a save replaces it (a new inode) before any later
-    save can reuse a name it gives, so an index unchanged from before its shards were
-    opened until after proves every shard opened is the one it names."""
+    """Which file is at path, and its last change (None: none there). A save replaces
+    the index (a new inode) before any later save can reuse a name it gives, so an index
+    unchanged from before its shards were opened until after proves every shard opened
+    is the one it names."""
     try:
         st = os.stat(path)
     except OSError:
